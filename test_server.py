@@ -1,0 +1,861 @@
+"""Tests for pocket_tts_server.py.
+
+Route tests run against StubModel, a fast stand-in with pocket-tts's interface: it speaks a sine
+wave whose pitch identifies the voice (a built-in's own pitch, or the dominant pitch of a cloned
+reference) for a duration set by the text's token count. TestRealModel drives the real pocket-tts
+TTSModel, built offline from a packaged architecture with random weights and EOS disabled, so
+durations are deterministic. Every test decodes the audio it gets back with PyAV.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from pocket_tts.modules.text_conditioner import JsonTokenizer
+from pocket_tts.utils.config import CONFIGS_DIR
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+import pocket_tts_server as srv
+
+SR = 24000
+HERE = Path(__file__).parent
+CORPUS = [
+    "Hello world. This is a test of the speech server, with numbers one two three!",
+    "The quick brown fox jumps over the lazy dog? Yes... it does; really: twice.",
+    "Long inputs are split into sentences, and every sentence must be spoken.",
+]
+
+# =================================================================================================
+# Fixtures: tokenizer, reference audio, stub model, servers
+# =================================================================================================
+
+
+def build_tokenizer(path: Path) -> Path:
+    """A small BPE tokenizer in pocket-tts's style (metaspace words, isolated punctuation)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+            pre_tokenizers.Split(Regex(r"[.!?,;:]"), behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    alphabet = (
+        [chr(c) for c in range(33, 127)] + ["\u2581"] + list("àâäéèêëïîôöùûüçßñáíóú€£°\u201c\u201d")
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>"], initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 10, trainer)
+    tok.save(str(path))
+    return path
+
+
+def write_audio(path: Path, samples: np.ndarray, rate: int = SR, codec: str | None = None):
+    """Write float samples ([n] mono or [channels, n]) with PyAV in the format of the suffix."""
+    samples = np.atleast_2d(samples).astype(np.float32)
+    layout = "mono" if samples.shape[0] == 1 else "stereo"
+    codec = codec or {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame"}[path.suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples.T.reshape(1, -1)), format="flt", layout=layout
+        )
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def tone(freq: float, seconds: float, rate: int = SR) -> np.ndarray:
+    """A voice-like reference: a tone with a syllable-rate envelope."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.4 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))).astype(
+        np.float32
+    )
+
+
+def decode(data: bytes, fmt: str = "auto") -> tuple[np.ndarray, int]:
+    """Decode a response body to float mono samples and their rate."""
+    if fmt == "pcm":
+        return np.frombuffer(data, "<i2").astype(np.float32) / 32767.0, SR
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        rate = stream.rate
+        to_float = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        frames = [
+            out.to_ndarray().reshape(-1)
+            for f in container.decode(stream)
+            for out in to_float.resample(f)
+        ]
+        frames += [out.to_ndarray().reshape(-1) for out in to_float.resample(None)]
+    return (np.concatenate(frames) if frames else np.zeros(0)), rate
+
+
+def duration(data: bytes, fmt: str = "auto") -> float:
+    samples, rate = decode(data, fmt)
+    return samples.size / rate
+
+
+def dominant_freq(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(samples.size)))
+    return float(np.fft.rfftfreq(samples.size, 1 / rate)[spectrum.argmax()])
+
+
+# Codecs add priming/padding: how much longer than the audio a decoded file may be (seconds).
+CODEC_SLACK = {"mp3": 0.1, "aac": 0.09, "opus": 0.03, "flac": 0.001, "wav": 0.001, "pcm": 0.001}
+
+
+class StubModel:
+    """pocket-tts's TTSModel interface, fast: 3 frames (240 ms) of sine per text token."""
+
+    sample_rate = SR
+    config = SimpleNamespace(mimi=SimpleNamespace(frame_rate=12.5, sample_rate=SR))
+    pad_with_spaces_for_short_inputs = False
+    remove_semicolons = False
+    append_terminal_punctuation = True
+    capitalize_first_letter = True
+    replace_characters: dict = {}
+    has_custom_weights = False
+    has_voice_cloning = True
+    device = "cpu"
+    FRAMES_PER_TOKEN = 3
+    BUILTINS = {"alba": 300.0, "marius": 400.0, "estelle": 500.0}
+
+    def __init__(self, tokenizer_path: Path, origin: Path = CONFIGS_DIR / "english.yaml"):
+        self.tokenizer = JsonTokenizer(
+            Tokenizer.from_file(str(tokenizer_path)).get_vocab_size(), str(tokenizer_path)
+        )
+        self.flow_lm = SimpleNamespace(conditioner=SimpleNamespace(tokenizer=self.tokenizer))
+        self.origin = origin
+        self.encodes: list[str] = []  # every get_state_for_audio_prompt call
+        self.generated: list[str] = []  # every text chunk generated
+        self.stopped: list[bool] = []  # whether each generation ended by the stop event
+        self.frame_delay = 0.0
+        self.fail_after_frames: int | None = None
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def get_state_for_audio_prompt(self, source, truncate=False):
+        if isinstance(source, str):
+            if source not in self.BUILTINS:
+                raise FileNotFoundError(source)
+            self.encodes.append(source)
+            return {"freq": self.BUILTINS[source]}
+        audio = source.numpy().reshape(-1)
+        self.encodes.append("clone")
+        return {"freq": round(dominant_freq(audio, SR))}
+
+    def expected_frames(self, chunk: str) -> int:
+        return self.FRAMES_PER_TOKEN * len(self.tokenizer.encode(chunk))
+
+    def generate_audio_stream(self, model_state, text_to_generate, stop=None, **kwargs):
+        self.generated.append(text_to_generate)
+        freq = model_state["freq"]
+        try:
+            for i in range(self.expected_frames(text_to_generate)):
+                if stop is not None and stop.is_set():
+                    return
+                if self.fail_after_frames is not None and i >= self.fail_after_frames:
+                    raise RuntimeError("stub generation failure")
+                time.sleep(self.frame_delay)
+                t = np.arange(i * 1920, (i + 1) * 1920) / SR
+                yield torch.from_numpy((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
+        finally:
+            self.stopped.append(stop is not None and stop.is_set())
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """A 3 s, 24 kHz mono WAV at 250 Hz."""
+    return write_audio(tmp_path_factory.mktemp("ref") / "ref.wav", tone(250, 3.0))
+
+
+@pytest.fixture
+def stub(tokenizer_path) -> StubModel:
+    return StubModel(tokenizer_path)
+
+
+def make_server(model, **overrides) -> srv.SpeechServer:
+    settings = srv.Settings(model_path="stub", **overrides)
+    return srv.build_server(settings, model=model)
+
+
+@pytest.fixture
+def server(stub) -> srv.SpeechServer:
+    return make_server(stub)
+
+
+@pytest.fixture
+def client(server):
+    return server.app.test_client()
+
+
+def speech(client, **body):
+    body.setdefault("input", "Hello world.")
+    return client.post("/v1/audio/speech", json=body)
+
+
+def expected_seconds(model: StubModel, engine: srv.Engine, text: str) -> float:
+    frames = sum(model.expected_frames(c) for c in engine.split(srv.normalize_text(text)))
+    return frames * 1920 / SR
+
+
+class LiveServer:
+    """The application served by waitress on a free loopback port, in a background thread."""
+
+    def __init__(self, app, **adjustments):
+        import waitress.server
+
+        self.server = waitress.server.create_server(app, host="127.0.0.1", port=0, **adjustments)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def live(server):
+    live = LiveServer(server.app, threads=4)
+    yield live
+    live.close()
+
+
+# =================================================================================================
+# Command line and model bootstrap
+# =================================================================================================
+
+
+class TestSettings:
+    def test_defaults_are_private_and_sane(self):
+        s = srv.parse_settings([], environ={})
+        assert (s.host, s.port, s.model_path, s.stream) == ("127.0.0.1", 8000, "english", False)
+        assert (s.device, s.max_input_chars, s.api_key) == ("auto", 4096, None)
+
+    def test_both_spellings_and_flags(self):
+        a = srv.parse_settings(
+            ["--model_path", "french", "--max-input-chars", "10", "--stream"], {}
+        )
+        b = srv.parse_settings(
+            ["--model-path", "french", "--max_input_chars", "10", "--stream"], {}
+        )
+        assert a == b and a.model_path == "french" and a.max_input_chars == 10 and a.stream
+
+    def test_environment_variables(self):
+        env = {
+            "POCKET_TTS_PORT": "9000",
+            "POCKET_TTS_STREAM": "true",
+            "POCKET_TTS_API_KEY": "k",
+            "POCKET_TTS_QUANTIZE": "1",
+            "POCKET_TTS_DEVICE": "cpu",
+        }
+        s = srv.parse_settings([], environ=env)
+        assert (s.port, s.stream, s.api_key, s.quantize, s.device) == (9000, True, "k", True, "cpu")
+        assert srv.parse_settings(["--no-stream", "--port", "1"], environ=env).stream is False
+
+    @pytest.mark.parametrize(
+        "argv", [["--device", "tpu"], ["--port", "x"], ["--max_input_chars", "0"]]
+    )
+    def test_bad_flags_exit(self, argv):
+        with pytest.raises(SystemExit):
+            srv.parse_settings(argv, environ={})
+
+    def test_model_sources(self, tmp_path):
+        assert srv.model_source("english") == {"language": "english"}
+        assert srv.model_source("hf://kyutai/x/cfg.yaml") == {"config": "hf://kyutai/x/cfg.yaml"}
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("x: 1")
+        assert srv.model_source(str(cfg)) == {"config": str(cfg.resolve())}
+        with pytest.raises(srv.ModelLoadError, match="french"):
+            srv.model_source("klingon")
+        with pytest.raises(srv.ModelLoadError, match="no such YAML"):
+            srv.model_source(str(tmp_path / "missing.yaml"))
+
+    def test_unreachable_hub_exits_with_actionable_message(self, tmp_path):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "pocket_tts_server.py"), "--model_path", "english"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert proc.returncode == 2
+        assert "Could not load the pocket-tts model 'english'" in proc.stderr
+        assert "--model_path" in proc.stderr and "Hugging Face Hub" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    def test_cuda_request_without_gpu_is_refused(self):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        with pytest.raises(srv.ModelLoadError, match="CUDA"):
+            srv.pick_device("cuda")
+        assert srv.pick_device("auto") == "cpu"
+
+
+# =================================================================================================
+# POST /v1/audio/speech: formats, streaming, speed
+# =================================================================================================
+
+CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/opus",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+
+
+class TestSpeechFormats:
+    @pytest.mark.parametrize("fmt", list(CONTENT_TYPES))
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_every_format_decodes_to_the_right_duration(self, client, server, stub, fmt, stream):
+        text = "Hello world. This is a test."
+        r = speech(client, input=text, response_format=fmt, stream=stream)
+        assert r.status_code == 200, r.data
+        assert r.headers["Content-Type"] == CONTENT_TYPES[fmt]
+        assert ("Content-Length" in r.headers) is not stream
+        want = expected_seconds(stub, server.engine, text)
+        got = duration(r.data, fmt)
+        assert want - 0.002 <= got <= want + CODEC_SLACK[fmt], (got, want)
+        samples, rate = decode(r.data, fmt)
+        assert abs(dominant_freq(samples, rate) - 300) < 5  # the default voice, alba
+
+    def test_default_format_is_mp3(self, client):
+        r = speech(client)
+        assert r.headers["Content-Type"] == "audio/mpeg"
+        with av.open(io.BytesIO(r.data)) as c:
+            assert c.streams.audio[0].codec_context.name.startswith("mp3")
+
+    def test_containers_are_what_the_content_type_says(self, client):
+        magic = {
+            "mp3": (b"ID3", b"\xff\xf3", b"\xff\xfb"),
+            "opus": (b"OggS",),
+            "aac": (b"\xff\xf1", b"\xff\xf9"),
+            "flac": (b"fLaC",),
+            "wav": (b"RIFF",),
+        }
+        for fmt, prefixes in magic.items():
+            assert speech(client, response_format=fmt).data.startswith(prefixes), fmt
+        with av.open(io.BytesIO(speech(client, response_format="opus").data)) as c:
+            assert c.streams.audio[0].codec_context.name == "opus"
+
+    def test_wav_and_flac_state_their_real_length_when_not_streamed(self, client):
+        wav = speech(client, response_format="wav").data
+        assert int.from_bytes(wav[4:8], "little") == len(wav) - 8
+        assert int.from_bytes(wav[40:44], "little") == len(wav) - 44
+        flac = speech(client, response_format="flac").data
+        total_samples = int.from_bytes(flac[21:26], "big") & ((1 << 36) - 1)  # STREAMINFO
+        assert total_samples == decode(flac)[0].size
+
+    def test_streamed_wav_uses_placeholder_sizes(self, client):
+        wav = speech(client, response_format="wav", stream=True).data
+        assert wav[4:8] == b"\xff\xff\xff\xff" and wav[40:44] == b"\xff\xff\xff\xff"
+        assert duration(wav) > 0.5
+
+    def test_pcm_is_raw_s16le_mono_24k(self, client, stub, server):
+        r = speech(client, response_format="pcm", input="Hello world.")
+        samples = np.frombuffer(r.data, "<i2")
+        assert samples.size == round(expected_seconds(stub, server.engine, "Hello world.") * SR)
+        assert 0.4 < np.abs(samples).max() / 32767 <= 0.5
+
+    def test_server_stream_default_and_request_override(self, stub):
+        client = make_server(stub, stream=True).app.test_client()
+        assert "Content-Length" not in speech(client).headers
+        assert "Content-Length" in speech(client, stream=False).headers
+
+    @pytest.mark.parametrize("speed", [0.25, 0.5, 1.5, 2.0, 4.0])
+    @pytest.mark.parametrize("fmt,stream", [("wav", False), ("mp3", True), ("pcm", True)])
+    def test_speed_changes_duration_not_pitch(self, client, server, stub, speed, fmt, stream):
+        text = "Hello world. This is a test."
+        r = speech(client, input=text, speed=speed, response_format=fmt, stream=stream)
+        assert r.status_code == 200
+        want = expected_seconds(stub, server.engine, text) / speed
+        samples, rate = decode(r.data, fmt)
+        assert abs(samples.size / rate - want) < 0.03 + CODEC_SLACK[fmt], (
+            samples.size / rate,
+            want,
+        )
+        assert abs(dominant_freq(samples, rate) - 300) < 6
+
+    def test_sse_stream(self, client, server, stub):
+        text = "Hello world. This is a test."
+        r = speech(client, input=text, stream_format="sse", response_format="wav")
+        assert r.status_code == 200 and r.mimetype == "text/event-stream"
+        events = [line[6:] for line in r.data.decode().split("\n\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        deltas = [json.loads(e) for e in events[:-2]]
+        assert len(deltas) > 1 and {d["type"] for d in deltas} == {"speech.audio.delta"}
+        audio = b"".join(base64.b64decode(d["audio"]) for d in deltas)
+        assert abs(duration(audio) - expected_seconds(stub, server.engine, text)) < 0.002
+        done = json.loads(events[-2])
+        assert done["type"] == "speech.audio.done"
+        usage = done["usage"]
+        assert usage["input_tokens"] == len(stub.tokenizer.encode(text))
+        assert usage["output_tokens"] == sum(stub.expected_frames(c) for c in stub.generated)
+        assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+    def test_openai_fields_and_extras_are_accepted(self, client):
+        r = speech(
+            client,
+            model="tts-1-hd",
+            instructions="Speak calmly.",
+            voice="alloy",
+            unknown_field={"x": 1},
+            stream_format="audio",
+            speed=1,
+        )
+        assert r.status_code == 200
+
+    def test_long_input_is_chunked_and_nothing_is_dropped(self, client, stub, server):
+        sentences = [
+            f"Sentence number {i} is here, and it says something rather long." for i in range(12)
+        ]
+        text = " ".join(sentences)
+        r = speech(client, input=text, response_format="wav")
+        assert len(stub.generated) > 1
+        spoken = " ".join(stub.generated).split()
+        assert spoken == srv.normalize_text(text).split()
+        assert abs(duration(r.data) - expected_seconds(stub, server.engine, text)) < 0.002
+
+    def test_chunk_boundaries_are_click_free(self, client, stub):
+        text = "Hello world. " * 40
+        samples, _ = decode(speech(client, input=text, response_format="wav").data)
+        lengths = [stub.expected_frames(c) * 1920 for c in stub.generated]
+        assert len(lengths) > 1
+        for boundary in np.cumsum(lengths)[:-1]:
+            # The stub's sine (0.5 at 300 Hz) steps at most 0.04 a sample; a click jumps ~0.5.
+            assert abs(samples[boundary - 1]) < 0.01 and abs(samples[boundary]) < 0.01, boundary
+            assert np.abs(np.diff(samples[boundary - 240 : boundary + 240])).max() < 0.045
+        assert np.abs(samples[lengths[0] // 2 :][:480]).max() > 0.45  # mid-chunk is untouched
+
+    def test_normalize_false_passes_text_verbatim(self, client, stub):
+        speech(client, input="Hello \u201cworld\u201d.", normalize=False)
+        assert stub.generated == ["Hello \u201cworld\u201d."]
+        speech(client, input="Hello \u201cworld\u201d.")
+        assert stub.generated[-1] == 'Hello "world".'
+
+
+# =================================================================================================
+# Voices
+# =================================================================================================
+
+
+class TestVoices:
+    def spoken_freq(self, client, **body) -> float:
+        r = speech(client, response_format="wav", **body)
+        assert r.status_code == 200, r.data
+        return dominant_freq(*decode(r.data))
+
+    def test_builtin_names(self, client):
+        assert abs(self.spoken_freq(client, voice="marius") - 400) < 5
+        assert abs(self.spoken_freq(client, voice="Marius") - 400) < 5
+
+    @pytest.mark.parametrize("name", list(srv.OPENAI_VOICE_MAP))
+    def test_openai_names_never_fail(self, client, name):
+        assert speech(client, voice=name, response_format="wav").status_code == 200
+
+    def test_openai_name_maps_to_builtin(self, client):
+        assert abs(self.spoken_freq(client, voice="alloy") - 300) < 5  # alloy -> alba
+
+    def test_openai_name_whose_builtin_fails_uses_default(self, client, stub):
+        srv.OPENAI_VOICE_MAP["ash"], old = "javert", srv.OPENAI_VOICE_MAP["ash"]
+        try:  # javert is a real pocket-tts name the stub cannot load, as with an unreachable hub
+            assert abs(self.spoken_freq(client, voice="ash") - 300) < 5
+        finally:
+            srv.OPENAI_VOICE_MAP["ash"] = old
+
+    def test_openai_names_without_builtins_use_default_voice(self, tokenizer_path, reference):
+        stub = StubModel(tokenizer_path, origin=Path("/somewhere/custom.yaml"))
+        client = make_server(stub, default_voice=str(reference)).app.test_client()
+        assert abs(self.spoken_freq(client, voice="nova") - 250) < 5
+        voices = client.get("/v1/voices").json
+        assert {v["kind"] for v in voices["data"]} == {"openai"}
+        assert voices["default"] == "ref"
+        r = speech(client, voice="alba")
+        assert r.status_code == 400 and r.json["error"]["param"] == "voice"
+
+    def test_model_without_builtins_needs_a_default_voice(self, tokenizer_path):
+        stub = StubModel(tokenizer_path, origin=Path("/somewhere/custom.yaml"))
+        with pytest.raises(srv.VoiceError, match="--default_voice"):
+            make_server(stub)
+
+    def test_language_default_voice(self, tokenizer_path):
+        stub = StubModel(tokenizer_path, origin=CONFIGS_DIR / "french.yaml")
+        client = make_server(stub).app.test_client()
+        assert client.get("/health").json["default_voice"] == "estelle"
+
+    def test_absolute_path_clones_and_is_cached(self, client, stub, reference):
+        assert abs(self.spoken_freq(client, voice=str(reference)) - 250) < 5
+        assert abs(self.spoken_freq(client, voice=str(reference)) - 250) < 5
+        assert stub.encodes.count("clone") == 1
+
+    @pytest.mark.parametrize("suffix,rate,channels", [(".flac", 48000, 2), (".mp3", 44100, 1)])
+    def test_reference_formats_are_resampled_and_downmixed(
+        self, client, tmp_path, suffix, rate, channels
+    ):
+        audio = np.stack([tone(350, 2.0, rate)] * channels)
+        ref = write_audio(tmp_path / f"voice{suffix}", audio, rate)
+        assert abs(self.spoken_freq(client, voice=str(ref)) - 350) < 5
+
+    def test_bad_voices_are_400_naming_voice(self, client, tmp_path, reference):
+        (tmp_path / "notes.txt").write_text("secret contents")
+        (tmp_path / "noise.wav").write_bytes(os.urandom(4000))
+        (tmp_path / "empty.wav").write_bytes(b"")
+        (tmp_path / "dir.wav").mkdir()
+        write_audio(tmp_path / "short.wav", tone(200, 0.2))
+        write_audio(tmp_path / "silent.wav", np.zeros(SR * 2))
+        (tmp_path / "link.txt").symlink_to(reference)
+        cases = [
+            "nobody",
+            "notes.txt",
+            str(tmp_path / "notes.txt"),
+            str(tmp_path / "noise.wav"),
+            str(tmp_path / "empty.wav"),
+            str(tmp_path / "dir.wav"),
+            str(tmp_path / "missing.wav"),
+            str(tmp_path / "short.wav"),
+            str(tmp_path / "silent.wav"),
+            "/dev/zero",
+            "/etc/passwd",
+            str(tmp_path / "link.txt"),
+            "../ref.wav",
+        ]
+        for voice in cases:
+            r = speech(client, voice=voice)
+            assert r.status_code == 400, voice
+            err = r.json["error"]
+            assert err["param"] == "voice" and err["type"] == "invalid_request_error", voice
+            assert "secret" not in err["message"] and "Traceback" not in err["message"]
+        assert "alloy" in speech(client, voice="nobody").json["error"]["message"]
+
+    def test_voice_listings(self, client):
+        voices = client.get("/v1/voices").json
+        assert voices["object"] == "list" and voices["default"] == "alba"
+        ids = {v["id"]: v for v in voices["data"]}
+        assert set(srv.OPENAI_VOICE_MAP) <= set(ids) and "marius" in ids
+        assert ids["alloy"]["kind"] == "openai" and ids["alloy"]["maps_to"] == "alba"
+        assert ids["marius"]["kind"] == "builtin" and ids["alba"]["default"] is True
+        assert all(v["object"] == "voice" for v in voices["data"])
+        audio_voices = client.get("/v1/audio/voices").json["voices"]
+        assert {v["id"] for v in audio_voices} == set(ids)
+        assert all(set(v) == {"id", "name"} for v in audio_voices)
+
+
+# =================================================================================================
+# Other endpoints, errors, auth
+# =================================================================================================
+
+
+def assert_openai_error(r, status: int, param=None):
+    assert r.status_code == status, (r.status_code, r.data)
+    assert r.is_json
+    err = r.json["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param, err
+    return err
+
+
+class TestEndpointsAndErrors:
+    def test_health(self, client):
+        h = client.get("/health").json
+        assert h["status"] == "ok" and h["sample_rate"] == SR and h["device"] == "cpu"
+        assert h["voices"] == len(client.get("/v1/voices").json["data"])
+
+    def test_models(self, client):
+        models = client.get("/v1/models").json
+        assert models["object"] == "list"
+        assert {"id", "object", "created", "owned_by"} <= set(models["data"][0])
+        assert "tts-1" in [m["id"] for m in models["data"]]
+        assert client.get("/v1/audio/models").json["models"][0] == {"id": "pocket-tts"}
+
+    @pytest.mark.parametrize(
+        "body,param",
+        [
+            ({}, "input"),
+            ({"input": ""}, "input"),
+            ({"input": "   \n"}, "input"),
+            ({"input": 42}, "input"),
+            ({"input": ["a"]}, "input"),
+            ({"input": "x" * 4097}, "input"),
+            ({"input": "hi", "response_format": "ogg"}, "response_format"),
+            ({"input": "hi", "response_format": 3}, "response_format"),
+            ({"input": "hi", "speed": 0.2}, "speed"),
+            ({"input": "hi", "speed": 4.5}, "speed"),
+            ({"input": "hi", "speed": "fast"}, "speed"),
+            ({"input": "hi", "speed": True}, "speed"),
+            ({"input": "hi", "stream": "yes"}, "stream"),
+            ({"input": "hi", "stream_format": "chunks"}, "stream_format"),
+            ({"input": "hi", "voice": 7}, "voice"),
+            ({"input": "hi", "voice": "nobody"}, "voice"),
+            ({"input": "hi", "model": {"x": 1}}, "model"),
+            ({"input": "hi", "normalize": "no"}, "normalize"),
+        ],
+    )
+    def test_bad_fields_name_their_param(self, client, body, param):
+        err = assert_openai_error(client.post("/v1/audio/speech", json=body), 400, param)
+        assert err["type"] == "invalid_request_error"
+
+    def test_input_at_the_limit_is_accepted(self, stub):
+        client = make_server(stub, max_input_chars=20).app.test_client()
+        assert speech(client, input="a" * 20).status_code == 200
+        assert_openai_error(speech(client, input="a" * 21), 400, "input")
+
+    @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"', b"", b"\xff\xfe"])
+    def test_bad_json_bodies(self, client, raw):
+        r = client.post("/v1/audio/speech", data=raw, content_type="application/json")
+        assert_openai_error(r, 400)
+
+    def test_unknown_route_and_method_are_json(self, client):
+        assert_openai_error(client.get("/v1/nothing"), 404)
+        err = assert_openai_error(client.get("/v1/audio/speech"), 405)
+        assert "GET" in err["message"]
+        assert "POST" in client.get("/v1/audio/speech").headers["Allow"]
+
+    def test_internal_fault_is_500_json_without_traceback(self, client, stub, caplog):
+        stub.fail_after_frames = 2
+        err = assert_openai_error(speech(client, response_format="wav"), 500)
+        assert err["type"] == "server_error" and "stub generation failure" not in err["message"]
+        assert "stub generation failure" in caplog.text  # logged server-side
+
+    def test_failure_after_streaming_began_ends_the_stream_cleanly(self, client, stub, caplog):
+        stub.fail_after_frames = 5
+        r = speech(client, response_format="wav", stream=True)
+        assert r.status_code == 200
+        assert 0.3 < duration(r.data) < 0.5  # 5 frames, then a clean end of file
+        assert "after the response started" in caplog.text
+
+    def test_api_key(self, stub):
+        client = make_server(stub, api_key="s3cret").app.test_client()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = client.post("/v1/audio/speech", json={"input": "hi"}, headers=headers)
+            assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
+        assert_openai_error(client.get("/v1/voices"), 401)
+        ok = client.post(
+            "/v1/audio/speech", json={"input": "hi"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+        assert client.get("/").status_code == 200
+        assert client.get("/pocket-tts-logo.png").status_code == 200
+
+    def test_authorization_header_is_ignored_without_api_key(self, client):
+        r = client.post(
+            "/v1/audio/speech", json={"input": "hi"}, headers={"Authorization": "Bearer anything"}
+        )
+        assert r.status_code == 200
+
+
+# =================================================================================================
+# Over real HTTP (waitress): chunked streaming, latency, disconnects, the OpenAI SDK
+# =================================================================================================
+
+
+class TestLiveHttp:
+    def test_streaming_is_chunked_and_starts_before_generation_ends(self, live, stub):
+        stub.frame_delay = 0.02  # ~4x real time
+        t0 = time.monotonic()
+        with requests.post(
+            f"{live.url}/v1/audio/speech",
+            stream=True,
+            json={
+                "input": "Hello world. This is a test.",
+                "response_format": "pcm",
+                "stream": True,
+            },
+        ) as r:
+            assert r.headers.get("Transfer-Encoding") == "chunked"
+            assert "Content-Length" not in r.headers
+            chunks = r.iter_content(chunk_size=None)
+            first = next(chunks)
+            t_first = time.monotonic() - t0
+            rest = b"".join(chunks)
+        total = time.monotonic() - t0
+        assert first and t_first < total / 3, (t_first, total)
+        assert len(first + rest) > 0
+
+    def test_non_streaming_has_content_length(self, live):
+        r = requests.post(
+            f"{live.url}/v1/audio/speech", json={"input": "Hi.", "response_format": "flac"}
+        )
+        assert int(r.headers["Content-Length"]) == len(r.content) > 0
+
+    def test_disconnect_stops_generation(self, live, stub):
+        stub.frame_delay = 0.02
+        long_text = "This sentence is spoken many times over. " * 20
+        with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) as sock:
+            body = json.dumps({"input": long_text, "response_format": "pcm", "stream": True})
+            sock.sendall(
+                f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+            )
+            assert sock.recv(4096)
+        deadline = time.monotonic() + 5
+        while not stub.stopped and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stub.stopped == [True]
+        assert len(stub.generated) < 3  # the rest of the text was never generated
+
+    @pytest.mark.parametrize("fmt", list(CONTENT_TYPES))
+    def test_openai_sdk_every_format(self, live, stub, server, fmt):
+        import openai
+
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused")
+        text = "Hello world. This is a test."
+        want = expected_seconds(stub, server.engine, text)
+        audio = client.audio.speech.create(
+            model="tts-1", voice="alloy", input=text, response_format=fmt
+        )
+        assert abs(duration(audio.content, fmt) - want) <= CODEC_SLACK[fmt] + 0.002
+        with client.audio.speech.with_streaming_response.create(
+            model="gpt-4o-mini-tts", voice="marius", input=text, response_format=fmt, speed=2.0
+        ) as response:
+            data = b"".join(response.iter_bytes())
+        assert abs(duration(data, fmt) - want / 2) <= CODEC_SLACK[fmt] + 0.03
+
+    def test_openai_sdk_raises_bad_request_with_param(self, live):
+        import openai
+
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.audio.speech.create(model="tts-1", voice="nobody", input="hi")
+        assert info.value.body["param"] == "voice"
+
+
+# =================================================================================================
+# The real pocket-tts model (random weights, released architecture, EOS off)
+# =================================================================================================
+
+
+def random_weight_config(tmp: Path, tokenizer: Path, name: str = "english_2m_2026-10") -> Path:
+    """A packaged pocket-tts architecture with no weights, our tokenizer, and EOS disabled."""
+    cfg = yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())
+    for section in (cfg, cfg["flow_lm"], cfg["mimi"]):
+        section.pop("weights_path", None)
+    cfg.pop("weights_path_without_voice_cloning", None)
+    table = cfg["flow_lm"]["lookup_table"]
+    table.update(
+        tokenizer="tokenizers",
+        tokenizer_path=str(tokenizer),
+        n_bins=Tokenizer.from_file(str(tokenizer)).get_vocab_size(),
+    )
+    cfg["default_eos_threshold"] = 1e9  # never stop early: durations follow token counts
+    path = tmp / f"{name}_random.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class TestRealModel:
+    """End to end on pocket-tts's TTSModel: HTTP, streaming, cloning, the OpenAI SDK."""
+
+    @pytest.fixture(scope="class")
+    def real(self, tmp_path_factory, tokenizer_path, reference):
+        tmp = tmp_path_factory.mktemp("real")
+        config = random_weight_config(tmp, tokenizer_path)
+        settings = srv.Settings(model_path=str(config), default_voice=str(reference))
+        server = srv.build_server(settings)  # the real loading path, from a local config
+        live = LiveServer(server.app, threads=4)
+        yield SimpleNamespace(server=server, url=live.url, model=server.engine.model)
+        live.close()
+
+    @staticmethod
+    def library_seconds(model, text: str) -> float:
+        """What pocket-tts itself generates for `text` with EOS off: its chunks' length caps."""
+        from pocket_tts.models.text_chunking import prepare_text_prompt, split_into_best_sentences
+
+        tokenizer = model.flow_lm.conditioner.tokenizer
+        frames = 0
+        for chunk in split_into_best_sentences(
+            tokenizer, srv.normalize_text(text), 50, False, False
+        ):
+            prepared, _ = prepare_text_prompt(chunk, False, False)
+            frames += model._estimate_max_gen_len(len(tokenizer.encode(prepared)))
+        return frames * model.sample_rate / model.config.mimi.frame_rate / SR
+
+    def test_model_loaded_through_the_server_bootstrap(self, real):
+        assert type(real.model).__name__ == "TTSModel"
+        health = requests.get(f"{real.url}/health").json()
+        assert health["sample_rate"] == 24000 and health["default_voice"] == "ref"
+
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_wav_duration_matches_the_library(self, real, stream):
+        text = "Hello world. This is a test of the speech server, with numbers one two three!"
+        r = requests.post(
+            f"{real.url}/v1/audio/speech",
+            json={"input": text, "response_format": "wav", "stream": stream},
+        )
+        assert r.status_code == 200
+        samples, _ = decode(r.content)
+        assert abs(samples.size / SR - self.library_seconds(real.model, text)) < 1e-3
+        assert np.isfinite(samples).all() and np.abs(samples).max() > 0
+
+    @pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "pcm"])
+    def test_streamed_formats_decode(self, real, fmt):
+        text = "Hello world."
+        with requests.post(
+            f"{real.url}/v1/audio/speech",
+            stream=True,
+            json={"input": text, "response_format": fmt, "stream": True},
+        ) as r:
+            assert r.headers.get("Transfer-Encoding") == "chunked"
+            parts = list(r.iter_content(chunk_size=None))
+        assert len(parts) > 1
+        want = self.library_seconds(real.model, text)
+        assert abs(duration(b"".join(parts), fmt) - want) < CODEC_SLACK[fmt] + 0.002
+
+    def test_cloning_from_a_reference_path(self, real, tmp_path):
+        ref = write_audio(tmp_path / "other.flac", np.stack([tone(180, 4.0, 48000)] * 2), 48000)
+        r = requests.post(
+            f"{real.url}/v1/audio/speech",
+            json={"input": "Hello world.", "voice": str(ref), "response_format": "wav"},
+        )
+        assert r.status_code == 200 and duration(r.content) > 1.0
+
+    @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
+    def test_openai_sdk(self, real, speed):
+        import openai
+
+        client = openai.OpenAI(base_url=f"{real.url}/v1", api_key="unused")
+        text = "Hello world."
+        want = self.library_seconds(real.model, text) / speed
+        for fmt in CONTENT_TYPES:
+            audio = client.audio.speech.create(
+                model="tts-1", voice="alloy", input=text, response_format=fmt, speed=speed
+            )
+            assert abs(duration(audio.content, fmt) - want) < CODEC_SLACK[fmt] + 0.03, fmt
+        with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=text, response_format="mp3", speed=speed
+        ) as response:
+            assert response.headers["content-type"] == "audio/mpeg"
+            data = b"".join(response.iter_bytes())
+        assert abs(duration(data) - want) < CODEC_SLACK["mp3"] + 0.03
