@@ -25,6 +25,7 @@ import argparse
 import base64
 import contextlib
 import fractions
+import hashlib
 import hmac
 import io
 import json
@@ -67,6 +68,9 @@ class Settings:
     stream: bool = False
     voices_dir: str | None = None
     default_voice: str | None = None
+    voice_map: str | None = None
+    cache_dir: str | None = None
+    allow_remote_voices: bool = False
     device: str = "auto"
     quantize: bool = False
     api_key: str | None = None
@@ -81,8 +85,12 @@ FLAG_HELP = {
     "host": "address to bind; 127.0.0.1 keeps the server private to this machine",
     "port": "TCP port",
     "stream": "stream responses by default (a request's `stream` field still decides)",
-    "voices_dir": "folder of reference recordings, each one a voice named by its file stem",
-    "default_voice": "voice used when a request names none (built-in name or audio file path)",
+    "voices_dir": "folder of reference recordings, each one a voice named by its file stem "
+    "(default: <user data dir>/pocket-tts-server/voices)",
+    "default_voice": "voice used when a request names none (any voice name or audio file path)",
+    "voice_map": 'JSON file mapping OpenAI voice names to voices, e.g. {"nova": "Speaker Two"}',
+    "cache_dir": "where voice latents persist (default: <user cache dir>/pocket-tts-server)",
+    "allow_remote_voices": "allow http(s):// URLs as voices (downloaded by the server)",
     "device": "torch device: auto picks CUDA when available",
     "quantize": "apply pocket-tts dynamic int8 quantization (faster on CPU)",
     "api_key": "require `Authorization: Bearer <key>` on the API (health and page stay open)",
@@ -121,7 +129,8 @@ def build_arg_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
                 default=env_value if env_value is not None else f.default,
                 choices=FLAG_CHOICES.get(f.name),
             )
-            kwargs["help"] += f" (default: {f.default})"
+            if f.default is not None:
+                kwargs["help"] += f" (default: {f.default})"
         parser.add_argument(*names, **kwargs)
     return parser
 
@@ -227,14 +236,369 @@ def model_language(model) -> str:
 # Text normalization
 # =================================================================================================
 
+# pocket-tts reads what it is given: "$5" and "10:30" come out as noise or letters. This section
+# turns text into the words a reader would say, in the model's language. Number words come from
+# num2words; the tables below hold only what it lacks (symbol words, month names, time patterns).
+
+
+@dataclass(frozen=True)
+class LanguageRules:
+    """The words and patterns normalization needs for one language."""
+
+    code: str  # num2words language code
+    and_word: str
+    percent: str
+    degrees: str
+    point: str  # decimal separator, spoken
+    months: tuple[str, ...]
+    date: str  # how "{day} {month}" is spoken
+    time: str  # "{hour} {minute}"
+    full_hour: str  # "{hour}" o'clock
+    ordinal_suffix: str  # regex of ordinal suffixes after digits ("3rd", "3e", "3o")
+    day_ordinal: bool = False  # dates say "the third", not "three"
+    fraction_digits: bool = False  # "3.14" -> "three point one four", not "... fourteen"
+    decimal_comma: bool = True  # "1,5" is one and a half; "1.234" is a thousand...
+
+
+LANGUAGES = {
+    "english": LanguageRules(
+        "en",
+        "and",
+        "percent",
+        "degrees",
+        "point",
+        (
+            "january",
+            "february",
+            "march",
+            "april",
+            "may",
+            "june",
+            "july",
+            "august",
+            "september",
+            "october",
+            "november",
+            "december",
+        ),
+        "the {day} of {month}",
+        "{hour} {minute}",
+        "{hour} o'clock",
+        r"st|nd|rd|th",
+        day_ordinal=True,
+        fraction_digits=True,
+        decimal_comma=False,
+    ),
+    "french": LanguageRules(
+        "fr",
+        "et",
+        "pour cent",
+        "degrés",
+        "virgule",
+        (
+            "janvier",
+            "février",
+            "mars",
+            "avril",
+            "mai",
+            "juin",
+            "juillet",
+            "août",
+            "septembre",
+            "octobre",
+            "novembre",
+            "décembre",
+        ),
+        "{day} {month}",
+        "{hour} heures {minute}",
+        "{hour} heures",
+        r"er|re|e|ème|eme",
+    ),
+    "german": LanguageRules(
+        "de",
+        "und",
+        "Prozent",
+        "Grad",
+        "Komma",
+        (
+            "januar",
+            "februar",
+            "märz",
+            "april",
+            "mai",
+            "juni",
+            "juli",
+            "august",
+            "september",
+            "oktober",
+            "november",
+            "dezember",
+        ),
+        # "3." is an ordinal only in dates ("3. Mai"): elsewhere it may end a sentence.
+        "{day} {month}",
+        "{hour} Uhr {minute}",
+        "{hour} Uhr",
+        r"(?!)",
+        day_ordinal=True,
+    ),
+    "spanish": LanguageRules(
+        "es",
+        "y",
+        "por ciento",
+        "grados",
+        "coma",
+        (
+            "enero",
+            "febrero",
+            "marzo",
+            "abril",
+            "mayo",
+            "junio",
+            "julio",
+            "agosto",
+            "septiembre",
+            "octubre",
+            "noviembre",
+            "diciembre",
+        ),
+        "{day} de {month}",
+        "{hour} y {minute}",
+        "{hour} en punto",
+        r"\.?[oa]",
+    ),
+    "italian": LanguageRules(
+        "it",
+        "e",
+        "per cento",
+        "gradi",
+        "virgola",
+        (
+            "gennaio",
+            "febbraio",
+            "marzo",
+            "aprile",
+            "maggio",
+            "giugno",
+            "luglio",
+            "agosto",
+            "settembre",
+            "ottobre",
+            "novembre",
+            "dicembre",
+        ),
+        "{day} {month}",
+        "{hour} e {minute}",
+        "{hour} in punto",
+        r"\.?[oa]",
+    ),
+    "portuguese": LanguageRules(
+        "pt",
+        "e",
+        "por cento",
+        "graus",
+        "vírgula",
+        (
+            "janeiro",
+            "fevereiro",
+            "março",
+            "abril",
+            "maio",
+            "junho",
+            "julho",
+            "agosto",
+            "setembro",
+            "outubro",
+            "novembro",
+            "dezembro",
+        ),
+        "{day} de {month}",
+        "{hour} e {minute}",
+        "{hour} em ponto",
+        r"\.?[oa]",
+    ),
+    "dutch": LanguageRules(
+        "nl",
+        "en",
+        "procent",
+        "graden",
+        "komma",
+        (
+            "januari",
+            "februari",
+            "maart",
+            "april",
+            "mei",
+            "juni",
+            "juli",
+            "augustus",
+            "september",
+            "oktober",
+            "november",
+            "december",
+        ),
+        "{day} {month}",
+        "{hour} uur {minute}",
+        "{hour} uur",
+        r"ste|de|e",
+    ),
+}
+CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY"}
 UNICODE_PUNCTUATION = str.maketrans(
-    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": " - "}
+    {"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"',
+     "\u00ab": '"', "\u00bb": '"', "\u2013": " - ", "\u2014": " - ", "\u2026": "...",
+     "\u2212": "-"}
+)  # fmt: skip
+EMOJI = re.compile(
+    "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f1e6-\U0001f1ff\u2b00-\u2bff"
+    "\ufe0f\u200d\u20e3]+"
 )
+MARKDOWN = [
+    (re.compile(r"```[^\n]*\n?|`"), ""),  # code fences and inline code marks
+    (re.compile(r"!?\[([^\]]*)\]\([^)]*\)"), r"\1"),  # [text](url), ![alt](src) -> text
+    (re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.M), r"\1."),  # headers end a sentence
+    (re.compile(r"^\s{0,3}>\s?", re.M), ""),  # blockquotes
+    (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # list bullets
+    (re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$", re.M), ""),  # horizontal rules
+    (re.compile(r"(\*\*|__|~~)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold, strikethrough
+    (re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])"), r"\2"),  # emphasis
+]
+NUMBER = r"\d+(?:[.,]\d+)*"
 
 
-def normalize_text(text: str) -> str:
-    """Unicode-normalize the text and collapse whitespace, so the tokenizer sees plain prose."""
+def num2words_lang(rules: LanguageRules, value, **kwargs) -> str:
+    from num2words import num2words
+
+    return num2words(value, lang=rules.code, **kwargs)
+
+
+def parse_number(text: str, rules: LanguageRules):
+    """'1,234.56' / '1.234,56' / '1,5' -> Decimal, reading separators as the language does."""
+    from decimal import Decimal
+
+    groups = re.split(r"[.,]", text)
+    seps = re.findall(r"[.,]", text)
+    if not seps:
+        return Decimal(text)
+    last = seps[-1]
+    thousands_only = len(set(seps)) == 1 and all(len(g) == 3 for g in groups[1:])
+    english_decimal = not rules.decimal_comma and last == "." and len(seps) == 1
+    if thousands_only and not english_decimal and (len(seps) > 1 or groups[0] != "0"):
+        return Decimal("".join(groups))
+    whole, fraction = "".join(groups[:-1]), groups[-1]
+    return Decimal(f"{whole}.{fraction}")
+
+
+def say_number(value, rules: LanguageRules) -> str:
+    """A Decimal as words: integers by num2words, decimals as '<whole> <point> <fraction>'."""
+    sign = ""
+    if value < 0:
+        sign, value = num2words_lang(rules, -1).split()[0] + " ", -value
+    if value == value.to_integral_value() and "." not in str(value):
+        return sign + num2words_lang(rules, int(value))
+    whole, fraction = str(value).split(".")
+    if rules.fraction_digits or fraction.startswith("0") or len(fraction) > 2:
+        spoken_fraction = " ".join(num2words_lang(rules, int(d)) for d in fraction)
+    else:
+        spoken_fraction = num2words_lang(rules, int(fraction))
+    return f"{sign}{num2words_lang(rules, int(whole))} {rules.point} {spoken_fraction}"
+
+
+def say_money(amount, code: str, rules: LanguageRules) -> str:
+    """'$1,234.56' -> 'one thousand, two hundred and thirty-four dollars, fifty-six cents'."""
+    from num2words import CONVERTER_CLASSES
+
+    forms = getattr(CONVERTER_CLASSES[rules.code], "CURRENCY_FORMS", {}).get(code)
+    if forms is None:  # a currency num2words lacks in this language: "five JPY" beats nothing
+        return f"{say_number(amount, rules)} {code}"
+    if amount != amount.to_integral_value():
+        return num2words_lang(rules, amount, to="currency", currency=code)
+    unit = CONVERTER_CLASSES[rules.code].pluralize(int(amount), forms[0])
+    return f"{num2words_lang(rules, int(amount))} {unit}"
+
+
+def say_day(day: int, rules: LanguageRules) -> str:
+    """The day of a date: an ordinal where the language says one (always for the 1st)."""
+    if rules.day_ordinal or day == 1:
+        word = num2words_lang(rules, day, to="ordinal")
+        return word + "n" if rules.code == "de" else word  # "am dritten Mai"
+    return num2words_lang(rules, day)
+
+
+def say_year(year: int, rules: LanguageRules) -> str:
+    return num2words_lang(rules, year, to="year")
+
+
+def expand_numbers(text: str, rules: LanguageRules) -> str:
+    """Money, percentages, temperatures, dates, times, ordinals, years, then plain numbers."""
+    months = "|".join(rules.months)
+    symbols = "".join(re.escape(c) for c in CURRENCY_SYMBOLS)
+    signed = rf"(?P<neg>(?<![\w.,])-)?(?P<num>{NUMBER})"
+    ordinal = rf"(?:{rules.ordinal_suffix})"
+    year = r"(?:,?\s+(?P<year>\d{4}))?"
+
+    def number(m: re.Match) -> str:
+        value = parse_number(m["num"], rules)
+        return say_number(-value if m["neg"] else value, rules)
+
+    def money(m: re.Match) -> str:
+        amount = parse_number(m["num"] or m["num2"] or m["num3"], rules)
+        code = CURRENCY_SYMBOLS.get(m["pre"] or m["post"] or "", m["code"])
+        return say_money(amount, code, rules)
+
+    def degrees(m: re.Match) -> str:
+        unit = {"C": " Celsius", "F": " Fahrenheit"}.get(m["unit"] or "", "")
+        return f"{number(m)} {rules.degrees}{unit}"
+
+    def date(m: re.Match) -> str:
+        day = int(m["day"])
+        if not 1 <= day <= 31:
+            return m[0]
+        month = m["month"].lower()
+        month = month.capitalize() if rules.code in ("en", "de") else month
+        if rules.code == "en" and m.groupdict().get("month_first"):
+            spoken = f"{month} {say_day(day, rules)}"  # "May 3" -> "May third"
+        else:
+            spoken = rules.date.format(day=say_day(day, rules), month=month)
+        if m["year"]:
+            spoken += f"{',' if ',' in m[0] else ''} {say_year(int(m['year']), rules)}"
+        return spoken
+
+    def clock(m: re.Match) -> str:
+        hour, minute = num2words_lang(rules, int(m["h"])), int(m["m"])
+        if minute == 0:
+            return rules.full_hour.format(hour=hour)
+        spoken = num2words_lang(rules, minute)
+        if rules.code == "en" and minute < 10:
+            spoken = "oh " + spoken  # "10:05" -> "ten oh five"
+        return rules.time.format(hour=hour, minute=spoken)
+
+    steps = [
+        (rf"(?P<pre>[{symbols}])\s?(?P<num>{NUMBER})|(?P<num2>{NUMBER})\s?(?P<post>[{symbols}])"
+         rf"|(?P<num3>{NUMBER})\s(?P<code>USD|EUR|GBP)\b", money),
+        (rf"{signed}\s?%", lambda m: f"{number(m)} {rules.percent}"),
+        (rf"{signed}\s?°\s?(?P<unit>[CF]\b)?", degrees),
+        (rf"\b(?P<day>\d{{1,2}}){ordinal}?\.?\s+(?:de\s+)?(?P<month>{months})\b{year}", date),
+        (rf"\b(?P<month_first>(?P<month>{months}))\s+(?P<day>\d{{1,2}}){ordinal}?\b{year}", date),
+        (r"\b(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)\b", clock),
+        (rf"\b(?P<n>\d+){ordinal}\b", lambda m: num2words_lang(rules, int(m["n"]), to="ordinal")),
+        (r"(?<![\w.,-])(?P<y>1[1-9]\d\d|20\d\d)(?![\w.,]\d)", lambda m: say_year(int(m[1]), rules)),
+        (rf"{signed}(?!\w)", number),
+    ]  # fmt: skip
+    for pattern, spell in steps:
+        text = re.sub(pattern, spell, text, flags=re.IGNORECASE)
+    return text
+
+
+def normalize_text(text: str, language: str = "english") -> str:
+    """Turn raw client text into plain prose the model reads well, in the model's language."""
+    rules = LANGUAGES.get(language, LANGUAGES["english"])
+    text = re.sub(r"(?<=\d)[\u00a0\u202f\u2009](?=\d{3}\b)", "", text)  # "1 234" -> "1234"
     text = unicodedata.normalize("NFKC", text).translate(UNICODE_PUNCTUATION)
+    for pattern, replacement in MARKDOWN:
+        text = pattern.sub(replacement, text)
+    text = EMOJI.sub(" ", text)
+    text = expand_numbers(text, rules)
+    text = re.sub(r"\s*&\s*", f" {rules.and_word} ", text)
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -242,8 +606,9 @@ def normalize_text(text: str) -> str:
 # Voices
 # =================================================================================================
 
-# OpenAI voice names -> pocket-tts built-in voices of a similar character. Clients hard-code
-# these names, so they always resolve: to the default voice where the model has no built-ins.
+# OpenAI voice names -> pocket-tts built-in voices of a similar character (--voice_map changes it).
+# Clients hard-code these names, so they always resolve: to the default voice where the target is
+# missing (a model without built-in voices, a deleted custom voice).
 OPENAI_VOICE_MAP = {
     "alloy": "alba",
     "ash": "marius",
@@ -259,10 +624,14 @@ OPENAI_VOICE_MAP = {
     "marin": "eponine",
     "cedar": "charles",
 }
+RESOLUTION_ORDER = ("openai", "builtin", "custom", "path")
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4")
+STATE_EXTENSION = ".safetensors"  # a voice state exported by `pocket-tts export-voice`
 MAX_REFERENCE_SECONDS = 30.0  # pocket-tts's own truncation length for voice prompts
 MIN_REFERENCE_SECONDS = 0.5
-MAX_REFERENCE_BYTES = 100 * 1024 * 1024
+MAX_REFERENCE_BYTES = 50 * 1024 * 1024
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
 
 class VoiceError(ValueError):
@@ -271,76 +640,124 @@ class VoiceError(ValueError):
 
 @dataclass(frozen=True)
 class VoiceSource:
-    """What a voice name resolved to: a pocket-tts built-in, or a reference audio file."""
+    """What a voice name resolved to: a built-in, a reference recording, a state file or a URL."""
 
-    kind: str  # "builtin" | "file"
-    ref: str  # built-in name, or absolute file path
-
-    @property
-    def is_file(self) -> bool:
-        return self.kind == "file"
+    kind: str  # "builtin" | "file" (audio or .safetensors) | "url"
+    ref: str  # built-in name, absolute file path, or URL
+    name: str  # what clients see: never a server path
 
     @property
-    def name(self) -> str:
-        """What clients see: a built-in's name or a file's stem, never a server path."""
-        return Path(self.ref).stem if self.is_file else self.ref
+    def is_state_file(self) -> bool:
+        return self.kind == "file" and self.ref.lower().endswith(STATE_EXTENSION)
 
 
-def check_audio_path(path: Path) -> Path:
-    """Resolve a path and accept only a regular file with an audio extension and a sane size."""
+def check_voice_path(path: Path) -> Path:
+    """Accept only a regular audio (or voice state) file of sane size, after resolving links."""
+    allowed = (*AUDIO_EXTENSIONS, STATE_EXTENSION)
     try:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError):
         raise VoiceError(f"voice file {path.name!r} does not exist.") from None
     if not resolved.is_file():
         raise VoiceError(f"voice {path.name!r} is not a regular audio file.")
-    if not {path.suffix.lower(), resolved.suffix.lower()} <= set(AUDIO_EXTENSIONS):
-        raise VoiceError(
-            f"voice file {path.name!r} is not an audio file ({', '.join(AUDIO_EXTENSIONS)})."
-        )
+    if not {path.suffix.lower(), resolved.suffix.lower()} <= set(allowed):
+        raise VoiceError(f"voice file {path.name!r} is not an audio file ({', '.join(allowed)}).")
     size = resolved.stat().st_size
     if size == 0 or size > MAX_REFERENCE_BYTES:
         raise VoiceError(f"voice file {path.name!r} is empty or larger than the allowed size.")
     return resolved
 
 
-def decode_reference(path: Path, sample_rate: int, max_seconds: float = MAX_REFERENCE_SECONDS):
+def decode_reference(data: bytes, sample_rate: int, max_seconds: float = MAX_REFERENCE_SECONDS):
     """Decode any audio PyAV reads to float32 mono at `sample_rate`, at most `max_seconds`."""
     limit = int(max_seconds * sample_rate)
     pieces: list[np.ndarray] = []
-    got = 0
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
             if not container.streams.audio:
-                raise VoiceError(f"voice file {path.name!r} has no audio stream.")
+                raise VoiceError("the voice file has no audio stream.")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             for frame in container.decode(container.streams.audio[0]):
-                for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(-1))
-                    got += pieces[-1].size
-                if got >= limit:
+                pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+                if sum(map(len, pieces)) >= limit:
                     break
             else:
-                pieces.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+                pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as exc:
         if isinstance(exc, VoiceError):
             raise
-        raise VoiceError(f"voice file {path.name!r} could not be decoded as audio.") from None
+        raise VoiceError("the voice file could not be decoded as audio.") from None
     audio = np.concatenate(pieces)[:limit] if pieces else np.zeros(0, np.float32)
     if audio.size < MIN_REFERENCE_SECONDS * sample_rate:
-        raise VoiceError(
-            f"voice file {path.name!r} holds less than {MIN_REFERENCE_SECONDS} s of audio."
-        )
+        raise VoiceError(f"the voice recording is shorter than {MIN_REFERENCE_SECONDS} s.")
     if not np.isfinite(audio).all() or float(np.abs(audio).max()) < 1e-4:
-        raise VoiceError(f"voice file {path.name!r} is silent or corrupt.")
+        raise VoiceError("the voice recording is silent or corrupt.")
     return audio.astype(np.float32, copy=False)
 
 
-class VoiceCatalog:
-    """Resolves the `voice` field of a request to a VoiceSource, and lists what can be asked for."""
+def audio_seconds(path: Path) -> float | None:
+    """Duration of an audio file from its container, without decoding it."""
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return round(float(stream.duration * stream.time_base), 3)
+            return round(container.duration / 1e6, 3) if container.duration else None
+    except (av.FFmpegError, IndexError):
+        return None
 
-    def __init__(self, builtins: list[str], default_voice: str | None, language="english"):
+
+def fetch_remote(url: str, timeout: float = 15.0) -> bytes:
+    """Download a remote reference (only with --allow_remote_voices), capped in size and time."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - opt-in
+            data = response.read(MAX_REFERENCE_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise VoiceError(f"the voice URL could not be fetched ({type(exc).__name__}).") from None
+    if len(data) > MAX_REFERENCE_BYTES:
+        raise VoiceError("the voice URL points at a file larger than the allowed size.")
+    return data
+
+
+def load_voice_map(path: str | None) -> dict[str, str]:
+    """The OpenAI-name mapping: the built-in one, updated by a --voice_map JSON file."""
+    mapping = dict(OPENAI_VOICE_MAP)
+    if path:
+        try:
+            custom = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise VoiceError(f"--voice_map {path!r} is not a readable JSON file: {exc}") from None
+        if not isinstance(custom, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in custom.items()
+        ):
+            raise VoiceError(f"--voice_map {path!r} must be a JSON object of name -> voice.")
+        mapping.update({k.lower(): v for k, v in custom.items()})
+    return mapping
+
+
+class VoiceCatalog:
+    """Resolves a request's `voice` to a VoiceSource and lists every voice a client can use.
+
+    Order: OpenAI names (through the voice map) -> built-in names -> voices-dir entries (by
+    stem or file name) -> absolute path to an audio file -> URL (only if allowed). The voices
+    folder is read on each lookup, so files added or removed while running appear at once.
+    """
+
+    def __init__(
+        self,
+        builtins: list[str],
+        voices_dir: Path,
+        default_voice: str | None = None,
+        language: str = "english",
+        voice_map: dict[str, str] | None = None,
+        allow_remote: bool = False,
+    ):
         self.builtins = builtins
+        self.voices_dir = voices_dir
+        self.voice_map = dict(OPENAI_VOICE_MAP if voice_map is None else voice_map)
+        self.allow_remote = allow_remote
         self.default = self.resolve_default(default_voice, language)
 
     def resolve_default(self, name: str | None, language: str) -> VoiceSource:
@@ -351,52 +768,151 @@ class VoiceCatalog:
             return self.lookup(name.strip())
         builtin = get_default_voice_for_language(language)
         if builtin in self.builtins:
-            return VoiceSource("builtin", builtin)
+            return VoiceSource("builtin", builtin, builtin)
         raise VoiceError(
             "this model has no built-in voices: pass --default_voice /path/to/reference.wav"
         )
 
     def resolve(self, name: str | None) -> VoiceSource:
-        """Resolution order: OpenAI names -> built-in names -> absolute path to an audio file."""
+        """The voice a request asked for; OpenAI names never fail."""
         if not name or not name.strip():
             return self.default
         key = name.strip()
-        if key.lower() in OPENAI_VOICE_MAP:
-            mapped = OPENAI_VOICE_MAP[key.lower()]
-            return VoiceSource("builtin", mapped) if mapped in self.builtins else self.default
+        if key.lower() in self.voice_map:
+            try:
+                return self.lookup(self.voice_map[key.lower()], allow_paths=False)
+            except VoiceError:
+                return self.default
         return self.lookup(key)
 
-    def lookup(self, key: str) -> VoiceSource:
-        """A built-in name or an absolute audio file path, else a VoiceError listing the choices."""
+    def lookup(self, key: str, allow_paths: bool = True) -> VoiceSource:
+        """A built-in, voices-dir entry, audio path or URL; else a VoiceError naming the choices."""
         if key.lower() in self.builtins:
-            return VoiceSource("builtin", key.lower())
-        if Path(key).is_absolute():
-            return VoiceSource("file", str(check_audio_path(Path(key))))
+            return VoiceSource("builtin", key.lower(), key.lower())
+        custom = self.custom_voice(key)
+        if custom is not None:
+            return VoiceSource("file", str(check_voice_path(custom)), custom.stem)
+        if allow_paths and key.startswith(("http://", "https://")):
+            if not self.allow_remote:
+                raise VoiceError(
+                    "remote voice URLs are disabled on this server (--allow_remote_voices)."
+                )
+            return VoiceSource("url", key, key.rsplit("/", 1)[-1] or key)
+        if allow_paths and Path(key).is_absolute():
+            path = check_voice_path(Path(key))
+            return VoiceSource("file", str(path), path.stem)
         raise VoiceError(
-            f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}, "
-            "or an absolute path to an audio file."
+            f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}; "
+            "or an absolute path to an audio file on the server."
         )
 
+    def custom_files(self) -> dict[str, Path]:
+        """Voices-dir entries by stem (first file name wins when two share a stem)."""
+        allowed = (*AUDIO_EXTENSIONS, STATE_EXTENSION)
+        found: dict[str, Path] = {}
+        with contextlib.suppress(OSError):
+            for path in sorted(self.voices_dir.iterdir()):
+                if path.suffix.lower() in allowed and not path.name.startswith("."):
+                    found.setdefault(path.stem, path)
+        return found
+
+    def custom_voice(self, key: str) -> Path | None:
+        """A voices-dir entry named by stem or file name, exactly or ignoring case."""
+        files = self.custom_files()
+        by_name = {**files, **{p.name: p for p in files.values()}}
+        if key in by_name:
+            return by_name[key]
+        folded = {k.lower(): p for k, p in by_name.items()}
+        return folded.get(key.lower())
+
     def names(self) -> list[str]:
-        """Every voice name a client can use."""
-        return list(OPENAI_VOICE_MAP) + [b for b in self.builtins if b not in OPENAI_VOICE_MAP]
+        """Every voice name a client can use, in resolution order."""
+        builtins = [b for b in self.builtins if b not in self.voice_map]
+        return [*self.voice_map, *builtins, *self.custom_files()]
 
     def describe(self) -> list[dict[str, Any]]:
-        """One entry per voice, for /v1/voices."""
+        """One entry per voice, for /v1/voices (built-ins only when the model has them)."""
         entries = [
-            {
-                "id": name,
-                "name": name,
-                "kind": "openai",
-                "maps_to": target if target in self.builtins else self.default.name,
-            }
-            for name, target in OPENAI_VOICE_MAP.items()
+            {"id": name, "kind": "openai", "maps_to": self.resolve(name).name}
+            for name in self.voice_map
         ]
-        entries += [{"id": b, "name": b, "kind": "builtin"} for b in self.builtins]
+        entries += [{"id": b, "kind": "builtin"} for b in self.builtins]
+        entries += [{"id": stem, "kind": "custom", "file": p.name}
+                    for stem, p in self.custom_files().items()]  # fmt: skip
         for entry in entries:
-            entry["object"] = "voice"
-            entry["default"] = entry["id"] == self.default.name
+            entry.update(object="voice", name=entry["id"], default=entry["id"] == self.default.name)
         return entries
+
+    def kind_of(self, name: str) -> str | None:
+        """Which kind a client-visible name is, if any (for clashes and deletes)."""
+        if name.lower() in self.voice_map:
+            return "openai"
+        if name.lower() in self.builtins:
+            return "builtin"
+        return "custom" if self.custom_voice(name) is not None else None
+
+
+class LatentCache:
+    """Conditioned voice states by content hash: a bounded in-memory LRU over safetensors files.
+
+    The disk folder is namespaced by a fingerprint of the model, since a state only fits the
+    weights that computed it. A file that fails to load is deleted and recomputed, never fatal.
+    """
+
+    def __init__(self, folder: Path | None, capacity: int = 32):
+        self.folder = folder
+        self.capacity = capacity
+        self.memory: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def path(self, key: str) -> Path | None:
+        return self.folder / f"{key}{STATE_EXTENSION}" if self.folder else None
+
+    def get(self, key: str):
+        with self.lock:
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                return self.memory[key]
+        return None
+
+    def put(self, key: str, state, persist: bool = True):
+        with self.lock:
+            self.memory[key] = state
+            self.memory.move_to_end(key)
+            while len(self.memory) > self.capacity:
+                self.memory.popitem(last=False)
+        path = self.path(key)
+        if persist and path is not None and not path.exists():
+            from pocket_tts.models.model_state import export_model_state
+
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+                export_model_state(state, tmp)
+                os.replace(tmp, path)
+            except OSError:
+                logger.warning("could not write the voice cache file %s", path, exc_info=True)
+
+    def forget(self, key: str):
+        with self.lock:
+            self.memory.pop(key, None)
+        path = self.path(key)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def status(self, key: str) -> dict[str, bool]:
+        path = self.path(key)
+        return {"memory": key in self.memory, "disk": bool(path and path.exists())}
+
+
+def model_fingerprint(model, extra: str = "") -> str:
+    """A short hash of the model's weights (a sample of each tensor), to namespace cached states."""
+    digest = hashlib.sha256(f"{type(model).__name__}|{extra}".encode())
+    named_parameters = getattr(model, "named_parameters", None)
+    for name, param in named_parameters() if callable(named_parameters) else ():
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # =================================================================================================
@@ -414,54 +930,84 @@ class Engine:
     stops early once `stop` is set. Later scheduling (queues, batching) replaces this class only.
     """
 
-    def __init__(self, model, voice_cache_size: int = 32):
+    def __init__(self, model, cache: LatentCache | None = None):
         self.model = model
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
+        self.cache = cache or LatentCache(None)
         self._model_lock = threading.Lock()  # one generation (or voice encoding) at a time
-        self._cache_lock = threading.Lock()
-        self._states: OrderedDict[tuple, Any] = OrderedDict()
-        self._cache_size = voice_cache_size
+        self._hashes: dict[tuple, str] = {}  # (path, mtime, size) -> content hash
 
     # -- voices -----------------------------------------------------------------------------------
 
     def voice_state(self, source: VoiceSource):
-        """The conditioned model state of a voice, encoded once and then served from an LRU."""
-        key = self._cache_key(source)
-        with self._cache_lock:
-            if key in self._states:
-                self._states.move_to_end(key)
-                return self._states[key]
-        state = self._encode_voice(source)
-        with self._cache_lock:
-            self._states[key] = state
-            while len(self._states) > self._cache_size:
-                self._states.popitem(last=False)
+        """The conditioned model state of a voice: encoded once per distinct recording, ever."""
+        if source.kind == "builtin":
+            key = f"builtin-{source.ref}"
+            state = self.cache.get(key)
+            if state is None:
+                with self._model_lock:
+                    state = self.model.get_state_for_audio_prompt(source.ref)
+                self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
+            return state
+        data = fetch_remote(source.ref) if source.kind == "url" else None
+        key = self.content_key(source, data)
+        state = self.cache.get(key) or self._load_cached(key)
+        if state is None:
+            state = self._encode_voice(source, data)
+            self.cache.put(key, state, persist=not source.is_state_file)
         return state
 
-    @staticmethod
-    def _cache_key(source: VoiceSource) -> tuple:
-        if source.is_file:
-            st = os.stat(source.ref)
-            return (source.kind, source.ref, st.st_mtime_ns, st.st_size)
-        return (source.kind, source.ref)
+    def content_key(self, source: VoiceSource, data: bytes | None = None) -> str:
+        """SHA-256 of the recording's bytes (memoized by path, mtime and size)."""
+        if data is not None:
+            return hashlib.sha256(data).hexdigest()
+        st = os.stat(source.ref)
+        stamp = (source.ref, st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp not in self._hashes:
+            with open(source.ref, "rb") as f:
+                self._hashes[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
+        return self._hashes[stamp]
 
-    def _encode_voice(self, source: VoiceSource):
+    def _load_cached(self, key: str):
+        """A state persisted by an earlier run; a corrupt file is discarded."""
+        path = self.cache.path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = self.model.get_state_for_audio_prompt(path)
+        except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt
+            logger.warning("discarding unreadable voice cache file %s", path)
+            path.unlink(missing_ok=True)
+            return None
+        self.cache.put(key, state, persist=False)
+        return state
+
+    def _encode_voice(self, source: VoiceSource, data: bytes | None):
         import torch
 
-        if not source.is_file:
-            with self._model_lock:
-                return self.model.get_state_for_audio_prompt(source.ref)
+        if source.is_state_file:
+            try:
+                return self.model.get_state_for_audio_prompt(Path(source.ref))
+            except Exception:  # noqa: BLE001 - a bad file is the client's or operator's
+                raise VoiceError(f"voice {source.name!r} is not a valid voice state.") from None
         if not self.has_voice_cloning:
             raise VoiceError(
                 "this server's model was loaded without the voice-cloning weights, so only "
                 "built-in voices can be used (accept the model's terms on the Hugging Face Hub "
                 "and log in to get them)."
             )
-        audio = decode_reference(Path(source.ref), self.sample_rate)
+        if data is None:
+            data = Path(source.ref).read_bytes()
+        audio = decode_reference(data, self.sample_rate)
         with self._model_lock:
             return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
+
+    def forget_voice(self, source: VoiceSource):
+        """Drop a file voice's cached state (memory and disk), before the file is deleted."""
+        with contextlib.suppress(OSError):
+            self.cache.forget(self.content_key(source))
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -805,11 +1351,12 @@ class SpeechServer:
         self.engine = engine
         self.voices = voices
         self.device = str(getattr(engine.model, "device", "cpu"))
+        self.language = model_language(engine.model)
         self.app = self.create_app()
 
     def create_app(self) -> Flask:
         app = Flask(SERVER_NAME)
-        app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+        app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES + 64 * 1024  # multipart overhead
         app.json.sort_keys = False
         routes = [
             ("/", self.page, ["GET"]),
@@ -819,6 +1366,9 @@ class SpeechServer:
             ("/v1/models", self.models, ["GET"]),
             ("/v1/audio/models", self.audio_models, ["GET"]),
             ("/v1/voices", self.list_voices, ["GET"]),
+            ("/v1/voices", self.upload_voice, ["POST"]),
+            ("/v1/voices/<path:name>", self.get_voice, ["GET"]),
+            ("/v1/voices/<path:name>", self.delete_voice, ["DELETE"]),
             ("/v1/audio/voices", self.list_audio_voices, ["GET"]),
             ("/v1/audio/speech", self.speech, ["POST"]),
         ]
@@ -886,7 +1436,7 @@ class SpeechServer:
             object="list",
             data=self.voices.describe(),
             default=self.voices.default.name,
-            resolution_order=["openai", "builtin", "path"],
+            resolution_order=list(RESOLUTION_ORDER),
         )
 
     def list_audio_voices(self):
@@ -901,7 +1451,7 @@ class SpeechServer:
                 400, "We could not parse the JSON body of your request.", None, "invalid_json"
             )
         req = parse_speech_request(body, self.settings)
-        text = normalize_text(req.input) if req.normalize else req.input
+        text = normalize_text(req.input, self.language) if req.normalize else req.input
         voice_state = self.load_voice(req.voice)
         fmt = FORMATS[req.response_format]
         headers = {
@@ -924,10 +1474,8 @@ class SpeechServer:
             return self.engine.voice_state(source)
         except VoiceError as exc:
             raise invalid("voice", str(exc)) from None
-        except ApiError:
-            raise
         except Exception:
-            if name and name.strip().lower() in OPENAI_VOICE_MAP:
+            if name and name.strip().lower() in self.voices.voice_map:
                 logger.exception("voice %r failed; using the default voice", name)
                 return self.engine.voice_state(self.voices.default)
             raise
@@ -977,6 +1525,89 @@ class SpeechServer:
         yield f"data: {json.dumps(done)}\n\n"
         yield "data: [DONE]\n\n"
 
+    # -- voice management -------------------------------------------------------------------------
+
+    def voice_details(self, name: str) -> dict[str, Any]:
+        entry = next((v for v in self.voices.describe() if v["id"] == name), None)
+        if entry is None:
+            raise ApiError(404, f"No voice named {name!r}.", "name", "voice_not_found")
+        if entry["kind"] == "custom":
+            source = self.voices.lookup(name)
+            path = Path(source.ref)
+            entry.update(
+                source=path.name,
+                bytes=path.stat().st_size,
+                duration=None if source.is_state_file else audio_seconds(path),
+                cached=self.engine.cache.status(self.engine.content_key(source)),
+            )
+        else:
+            entry["source"] = entry.get("maps_to", name)
+        return entry
+
+    def get_voice(self, name: str):
+        return jsonify(self.voice_details(self.find_voice_name(name)))
+
+    def find_voice_name(self, name: str) -> str:
+        """The listed id for a name given by stem, file name, or in another case."""
+        kind = self.voices.kind_of(name)
+        if kind == "custom":
+            return self.voices.custom_voice(name).stem
+        return name.lower() if kind else name
+
+    def upload_voice(self):
+        """Store a reference recording as a new voice, encode it once, return its description."""
+        name = (request.form.get("name") or "").strip()
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise invalid("file", "Send the recording as a multipart field named 'file'.")
+        suffix = Path(upload.filename).suffix.lower()
+        if suffix not in AUDIO_EXTENSIONS:
+            raise invalid("file", f"'file' must be an audio file ({', '.join(AUDIO_EXTENSIONS)}).")
+        name = name or Path(upload.filename).stem
+        if not VOICE_NAME.fullmatch(name) or name.lower().endswith(AUDIO_EXTENSIONS):
+            raise invalid(
+                "name",
+                "'name' must be 1-64 letters, digits, spaces or ._()- and start with a letter or "
+                "digit.",
+            )
+        if self.voices.kind_of(name) is not None:
+            raise ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
+        data = upload.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, "'file' is larger than 25 MB.", "file", "file_too_large")
+        folder = self.voices.voices_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{name}{suffix}"
+        tmp = folder / f".upload-{os.getpid()}-{threading.get_ident()}{suffix}"
+        tmp.write_bytes(data)
+        try:
+            self.engine.voice_state(VoiceSource("file", str(tmp), name))  # validates and caches
+        except VoiceError as exc:
+            raise invalid("file", str(exc)) from None
+        finally:
+            if tmp.exists() and final.exists():
+                tmp.unlink()
+        if final.exists():
+            raise ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
+        os.replace(tmp, final)
+        resp = jsonify(self.voice_details(name))
+        resp.status_code = 201
+        return resp
+
+    def delete_voice(self, name: str):
+        """Remove an uploaded (voices-dir) voice and its cached latents."""
+        kind = self.voices.kind_of(name)
+        if kind is None:
+            raise ApiError(404, f"No voice named {name!r}.", "name", "voice_not_found")
+        if kind != "custom":
+            raise ApiError(
+                403, f"{name!r} is a {kind} voice and cannot be deleted.", "name", "not_deletable"
+            )
+        source = self.voices.lookup(name)
+        self.engine.forget_voice(source)
+        Path(self.voices.custom_voice(name)).unlink(missing_ok=True)
+        return jsonify(id=source.name, object="voice", deleted=True)
+
     # -- page -------------------------------------------------------------------------------------
 
     def page(self):
@@ -992,11 +1623,29 @@ class SpeechServer:
 # =================================================================================================
 
 
+def user_dir(kind: str) -> Path:
+    """The per-user folder of a kind ("cache" or "data") for this server, XDG-style."""
+    env, fallback = {
+        "cache": ("XDG_CACHE_HOME", ".cache"),
+        "data": ("XDG_DATA_HOME", ".local/share"),
+    }[kind]
+    return Path(os.environ.get(env) or Path.home() / fallback) / SERVER_NAME
+
+
 def build_server(settings: Settings, model=None) -> SpeechServer:
     """Load (or take) the model, pre-encode the default voice, and assemble the application."""
     model = load_model(settings) if model is None else model
-    engine = Engine(model)
-    voices = VoiceCatalog(builtin_voice_names(model), settings.default_voice, model_language(model))
+    cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
+    fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
+    engine = Engine(model, LatentCache(cache_root / "latents" / fingerprint))
+    voices = VoiceCatalog(
+        builtin_voice_names(model),
+        Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices",
+        settings.default_voice,
+        model_language(model),
+        load_voice_map(settings.voice_map),
+        settings.allow_remote_voices,
+    )
     engine.voice_state(voices.default)  # the first request must not pay for it
     return SpeechServer(settings, engine, voices)
 

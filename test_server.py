@@ -27,6 +27,7 @@ import pytest
 import requests
 import torch
 import yaml
+from pocket_tts.models.model_state import _import_model_state, export_model_state
 from pocket_tts.modules.text_conditioner import JsonTokenizer
 from pocket_tts.utils.config import CONFIGS_DIR
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -146,7 +147,8 @@ class StubModel:
         )
         self.flow_lm = SimpleNamespace(conditioner=SimpleNamespace(tokenizer=self.tokenizer))
         self.origin = origin
-        self.encodes: list[str] = []  # every get_state_for_audio_prompt call
+        self.encodes: list[str] = []  # every voice encoding (built-in download or cloning)
+        self.loads: list[str] = []  # every voice state loaded from a .safetensors file
         self.generated: list[str] = []  # every text chunk generated
         self.stopped: list[bool] = []  # whether each generation ended by the stop event
         self.frame_delay = 0.0
@@ -159,21 +161,28 @@ class StubModel:
         return self
 
     def get_state_for_audio_prompt(self, source, truncate=False):
+        if isinstance(source, Path) and source.suffix == ".safetensors":
+            self.loads.append(source.name)
+            return _import_model_state(source, torch.device("cpu"))
         if isinstance(source, str):
             if source not in self.BUILTINS:
                 raise FileNotFoundError(source)
             self.encodes.append(source)
-            return {"freq": self.BUILTINS[source]}
-        audio = source.numpy().reshape(-1)
+            return self.state(self.BUILTINS[source])
         self.encodes.append("clone")
-        return {"freq": round(dominant_freq(audio, SR))}
+        return self.state(round(dominant_freq(source.numpy().reshape(-1), SR)))
+
+    @staticmethod
+    def state(freq: float) -> dict:
+        """A voice state shaped like pocket-tts's: module name -> tensors."""
+        return {"stub": {"freq": torch.tensor([float(freq)])}}
 
     def expected_frames(self, chunk: str) -> int:
         return self.FRAMES_PER_TOKEN * len(self.tokenizer.encode(chunk))
 
     def generate_audio_stream(self, model_state, text_to_generate, stop=None, **kwargs):
         self.generated.append(text_to_generate)
-        freq = model_state["freq"]
+        freq = float(model_state["stub"]["freq"][0])
         try:
             for i in range(self.expected_frames(text_to_generate)):
                 if stop is not None and stop.is_set():
@@ -185,6 +194,13 @@ class StubModel:
                 yield torch.from_numpy((0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32))
         finally:
             self.stopped.append(stop is not None and stop.is_set())
+
+
+@pytest.fixture(autouse=True)
+def private_user_dirs(tmp_path, monkeypatch):
+    """Every test gets its own user cache and data folders (voice latents, uploaded voices)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "user-data"))
 
 
 @pytest.fixture(scope="session")
@@ -488,12 +504,11 @@ class TestVoices:
     def test_openai_name_maps_to_builtin(self, client):
         assert abs(self.spoken_freq(client, voice="alloy") - 300) < 5  # alloy -> alba
 
-    def test_openai_name_whose_builtin_fails_uses_default(self, client, stub):
-        srv.OPENAI_VOICE_MAP["ash"], old = "javert", srv.OPENAI_VOICE_MAP["ash"]
-        try:  # javert is a real pocket-tts name the stub cannot load, as with an unreachable hub
-            assert abs(self.spoken_freq(client, voice="ash") - 300) < 5
-        finally:
-            srv.OPENAI_VOICE_MAP["ash"] = old
+    def test_openai_name_whose_builtin_fails_uses_default(self, stub, tmp_path):
+        voice_map = tmp_path / "map.json"
+        voice_map.write_text('{"ash": "javert"}')  # a real name the stub cannot load, like
+        server = make_server(stub, voice_map=str(voice_map))  # an unreachable hub would
+        assert abs(self.spoken_freq(server.app.test_client(), voice="ash") - 300) < 5
 
     def test_openai_names_without_builtins_use_default_voice(self, tokenizer_path, reference):
         stub = StubModel(tokenizer_path, origin=Path("/somewhere/custom.yaml"))
