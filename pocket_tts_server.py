@@ -250,198 +250,59 @@ class LanguageRules:
     percent: str
     degrees: str
     point: str  # decimal separator, spoken
-    months: tuple[str, ...]
+    months: str  # the twelve month names, space-separated
     date: str  # how "{day} {month}" is spoken
     time: str  # "{hour} {minute}"
     full_hour: str  # "{hour}" o'clock
     ordinal_suffix: str  # regex of ordinal suffixes after digits ("3rd", "3e", "3o")
     day_ordinal: bool = False  # dates say "the third", not "three"
+    first_ordinal: bool = False  # ...or only for the first ("le premier mai", "el primero")
     fraction_digits: bool = False  # "3.14" -> "three point one four", not "... fourteen"
     decimal_comma: bool = True  # "1,5" is one and a half; "1.234" is a thousand...
 
 
+# fmt: off
 LANGUAGES = {
     "english": LanguageRules(
-        "en",
-        "and",
-        "percent",
-        "degrees",
-        "point",
-        (
-            "january",
-            "february",
-            "march",
-            "april",
-            "may",
-            "june",
-            "july",
-            "august",
-            "september",
-            "october",
-            "november",
-            "december",
-        ),
-        "the {day} of {month}",
-        "{hour} {minute}",
-        "{hour} o'clock",
-        r"st|nd|rd|th",
-        day_ordinal=True,
-        fraction_digits=True,
-        decimal_comma=False,
-    ),
+        "en", "and", "percent", "degrees", "point",
+        "january february march april may june july august september october november december",
+        date="the {day} of {month}", time="{hour} {minute}", full_hour="{hour} o'clock",
+        ordinal_suffix=r"st|nd|rd|th", day_ordinal=True, fraction_digits=True,
+        decimal_comma=False),
     "french": LanguageRules(
-        "fr",
-        "et",
-        "pour cent",
-        "degrés",
-        "virgule",
-        (
-            "janvier",
-            "février",
-            "mars",
-            "avril",
-            "mai",
-            "juin",
-            "juillet",
-            "août",
-            "septembre",
-            "octobre",
-            "novembre",
-            "décembre",
-        ),
-        "{day} {month}",
-        "{hour} heures {minute}",
-        "{hour} heures",
-        r"er|re|e|ème|eme",
-    ),
+        "fr", "et", "pour cent", "degrés", "virgule",
+        "janvier février mars avril mai juin juillet août septembre octobre novembre décembre",
+        date="{day} {month}", time="{hour} heures {minute}", full_hour="{hour} heures",
+        ordinal_suffix=r"er|re|e|ème|eme", first_ordinal=True),
     "german": LanguageRules(
-        "de",
-        "und",
-        "Prozent",
-        "Grad",
-        "Komma",
-        (
-            "januar",
-            "februar",
-            "märz",
-            "april",
-            "mai",
-            "juni",
-            "juli",
-            "august",
-            "september",
-            "oktober",
-            "november",
-            "dezember",
-        ),
+        "de", "und", "Prozent", "Grad", "Komma",
+        "januar februar märz april mai juni juli august september oktober november dezember",
+        date="{day} {month}", time="{hour} Uhr {minute}", full_hour="{hour} Uhr",
         # "3." is an ordinal only in dates ("3. Mai"): elsewhere it may end a sentence.
-        "{day} {month}",
-        "{hour} Uhr {minute}",
-        "{hour} Uhr",
-        r"(?!)",
-        day_ordinal=True,
-    ),
+        ordinal_suffix=r"(?!)", day_ordinal=True),
     "spanish": LanguageRules(
-        "es",
-        "y",
-        "por ciento",
-        "grados",
-        "coma",
-        (
-            "enero",
-            "febrero",
-            "marzo",
-            "abril",
-            "mayo",
-            "junio",
-            "julio",
-            "agosto",
-            "septiembre",
-            "octubre",
-            "noviembre",
-            "diciembre",
-        ),
-        "{day} de {month}",
-        "{hour} y {minute}",
-        "{hour} en punto",
-        r"\.?[oa]",
-    ),
+        "es", "y", "por ciento", "grados", "coma",
+        "enero febrero marzo abril mayo junio julio agosto septiembre octubre noviembre diciembre",
+        date="{day} de {month}", time="{hour} y {minute}", full_hour="{hour} en punto",
+        ordinal_suffix=r"\.?[oa]", first_ordinal=True),
     "italian": LanguageRules(
-        "it",
-        "e",
-        "per cento",
-        "gradi",
-        "virgola",
-        (
-            "gennaio",
-            "febbraio",
-            "marzo",
-            "aprile",
-            "maggio",
-            "giugno",
-            "luglio",
-            "agosto",
-            "settembre",
-            "ottobre",
-            "novembre",
-            "dicembre",
-        ),
-        "{day} {month}",
-        "{hour} e {minute}",
-        "{hour} in punto",
-        r"\.?[oa]",
-    ),
+        "it", "e", "per cento", "gradi", "virgola",
+        "gennaio febbraio marzo aprile maggio giugno luglio agosto settembre ottobre novembre "
+        "dicembre",
+        date="{day} {month}", time="{hour} e {minute}", full_hour="{hour} in punto",
+        ordinal_suffix=r"\.?[oa]", first_ordinal=True),
     "portuguese": LanguageRules(
-        "pt",
-        "e",
-        "por cento",
-        "graus",
-        "vírgula",
-        (
-            "janeiro",
-            "fevereiro",
-            "março",
-            "abril",
-            "maio",
-            "junho",
-            "julho",
-            "agosto",
-            "setembro",
-            "outubro",
-            "novembro",
-            "dezembro",
-        ),
-        "{day} de {month}",
-        "{hour} e {minute}",
-        "{hour} em ponto",
-        r"\.?[oa]",
-    ),
+        "pt", "e", "por cento", "graus", "vírgula",
+        "janeiro fevereiro março abril maio junho julho agosto setembro outubro novembro dezembro",
+        date="{day} de {month}", time="{hour} e {minute}", full_hour="{hour} em ponto",
+        ordinal_suffix=r"\.?[oa]", first_ordinal=True),
     "dutch": LanguageRules(
-        "nl",
-        "en",
-        "procent",
-        "graden",
-        "komma",
-        (
-            "januari",
-            "februari",
-            "maart",
-            "april",
-            "mei",
-            "juni",
-            "juli",
-            "augustus",
-            "september",
-            "oktober",
-            "november",
-            "december",
-        ),
-        "{day} {month}",
-        "{hour} uur {minute}",
-        "{hour} uur",
-        r"ste|de|e",
-    ),
+        "nl", "en", "procent", "graden", "komma",
+        "januari februari maart april mei juni juli augustus september oktober november december",
+        date="{day} {month}", time="{hour} uur {minute}", full_hour="{hour} uur",
+        ordinal_suffix=r"ste|de|e"),
 }
+# fmt: on
 CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY"}
 UNICODE_PUNCTUATION = str.maketrans(
     {"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"',
@@ -518,7 +379,7 @@ def say_money(amount, code: str, rules: LanguageRules) -> str:
 
 def say_day(day: int, rules: LanguageRules) -> str:
     """The day of a date: an ordinal where the language says one (always for the 1st)."""
-    if rules.day_ordinal or day == 1:
+    if rules.day_ordinal or (day == 1 and rules.first_ordinal):
         word = num2words_lang(rules, day, to="ordinal")
         return word + "n" if rules.code == "de" else word  # "am dritten Mai"
     return num2words_lang(rules, day)
@@ -530,7 +391,7 @@ def say_year(year: int, rules: LanguageRules) -> str:
 
 def expand_numbers(text: str, rules: LanguageRules) -> str:
     """Money, percentages, temperatures, dates, times, ordinals, years, then plain numbers."""
-    months = "|".join(rules.months)
+    months = rules.months.replace(" ", "|")
     symbols = "".join(re.escape(c) for c in CURRENCY_SYMBOLS)
     signed = rf"(?P<neg>(?<![\w.,])-)?(?P<num>{NUMBER})"
     ordinal = rf"(?:{rules.ordinal_suffix})"
@@ -579,7 +440,7 @@ def expand_numbers(text: str, rules: LanguageRules) -> str:
         (rf"{signed}\s?°\s?(?P<unit>[CF]\b)?", degrees),
         (rf"\b(?P<day>\d{{1,2}}){ordinal}?\.?\s+(?:de\s+)?(?P<month>{months})\b{year}", date),
         (rf"\b(?P<month_first>(?P<month>{months}))\s+(?P<day>\d{{1,2}}){ordinal}?\b{year}", date),
-        (r"\b(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)\b", clock),
+        (r"\b(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)\b(?:\s*(?:Uhr|uur|heures?|h)\b)?", clock),
         (rf"\b(?P<n>\d+){ordinal}\b", lambda m: num2words_lang(rules, int(m["n"]), to="ordinal")),
         (r"(?<![\w.,-])(?P<y>1[1-9]\d\d|20\d\d)(?![\w.,]\d)", lambda m: say_year(int(m[1]), rules)),
         (rf"{signed}(?!\w)", number),
@@ -592,7 +453,13 @@ def expand_numbers(text: str, rules: LanguageRules) -> str:
 def normalize_text(text: str, language: str = "english") -> str:
     """Turn raw client text into plain prose the model reads well, in the model's language."""
     rules = LANGUAGES.get(language, LANGUAGES["english"])
-    text = re.sub(r"(?<=\d)[\u00a0\u202f\u2009](?=\d{3}\b)", "", text)  # "1 234" -> "1234"
+    # Digit groups split by spaces ("1 234", and NBSP anywhere) become one number.
+    space = r"[\u00a0\u202f\u2009 ]" if rules.decimal_comma else r"[\u00a0\u202f\u2009]"
+    text = re.sub(
+        rf"(?<![\d,.])\d{{1,3}}(?:{space}\d{{3}})+(?![\d,.]\d)",
+        lambda m: re.sub(r"\D", "", m[0]),
+        text,
+    )
     text = unicodedata.normalize("NFKC", text).translate(UNICODE_PUNCTUATION)
     for pattern, replacement in MARKDOWN:
         text = pattern.sub(replacement, text)
@@ -1582,14 +1449,15 @@ class SpeechServer:
         tmp.write_bytes(data)
         try:
             self.engine.voice_state(VoiceSource("file", str(tmp), name))  # validates and caches
+            if final.exists():
+                raise ApiError(
+                    409, f"A voice named {name!r} already exists.", "name", "voice_exists"
+                )
+            os.replace(tmp, final)
         except VoiceError as exc:
             raise invalid("file", str(exc)) from None
         finally:
-            if tmp.exists() and final.exists():
-                tmp.unlink()
-        if final.exists():
-            raise ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
-        os.replace(tmp, final)
+            tmp.unlink(missing_ok=True)
         resp = jsonify(self.voice_details(name))
         resp.status_code = 201
         return resp

@@ -588,6 +588,369 @@ class TestVoices:
 
 
 # =================================================================================================
+# Text normalization (a pure function, table-driven per language)
+# =================================================================================================
+
+NORMALIZATION_TABLE = {
+    "english": [
+        ("$1,234 on 3 May", "one thousand, two hundred and thirty-four dollars on the third of May"),
+        ("€5.50 is 12% of it.", "five euro, fifty cents is twelve percent of it."),
+        ("Meet at 10:30 or 9:05, not 8:00.", "Meet at ten thirty or nine oh five, not eight o'clock."),
+        ("It was -3.5°C on May 3rd, 2026.",
+         "It was minus three point five degrees Celsius on May third, twenty twenty-six."),
+        ("The 21st time & the 2nd.", "The twenty-first time and the second."),
+        ("In 1999, 1,500,000 people.", "In nineteen ninety-nine, one million, five hundred thousand people."),
+        ("Pi is 3.14.", "Pi is three point one four."),
+    ],
+    "french": [
+        ("$1,234 le 3 mai", "mille deux cent trente-quatre dollars le trois mai"),
+        ("1 234 € le 1er mai 2026", "mille deux cent trente-quatre euros le premier mai deux mille vingt-six"),
+        ("5,50 € soit 12 %.", "cinq euros et cinquante centimes soit douze pour cent."),
+        ("Rendez-vous à 10:30.", "Rendez-vous à dix heures trente."),
+        ("Il fait 21°C.", "Il fait vingt et un degrés Celsius."),
+        ("Le 2e & le 3ème.", "Le deuxième et le troisième."),
+    ],
+    "german": [
+        ("$1,234 am 3. Mai", "eintausendzweihundertvierunddreißig Dollar am dritten Mai"),
+        ("5,50 € sind 12 %.", "fünf Euro und fünfzig Cent sind zwölf Prozent."),
+        ("Um 10:30 Uhr.", "Um zehn Uhr dreißig."),
+        ("Es sind 21°C am 1. Mai 2026.",
+         "Es sind einundzwanzig Grad Celsius am ersten Mai zweitausendsechsundzwanzig."),
+        ("1.234,5 Meter & mehr.", "eintausendzweihundertvierunddreißig Komma fünf Meter und mehr."),
+    ],
+    "spanish": [
+        ("$1,234 el 3 de mayo", "mil doscientos treinta y cuatro dólares el tres de mayo"),
+        ("5,50 € es el 12 %.", "cinco euros con cincuenta céntimos es el doce por ciento."),
+        ("A las 10:30.", "A las diez y treinta."),
+        ("El 1 de mayo de 2026.", "El primero de mayo de dos mil veintiséis."),
+    ],
+    "italian": [
+        ("$1,234 il 3 maggio", "milleduecentotrentaquattro dollari il tre maggio"),
+        ("5,50 € è il 12%.", "cinque euro e cinquanta centesimi è il dodici per cento."),
+        ("Alle 10:30.", "Alle dieci e trenta."),
+        ("Il 1 maggio 2026.", "Il primo maggio duemilaventisei."),
+    ],
+    "portuguese": [
+        ("$1,234 em 3 de maio", "mil duzentos e trinta e quatro dólares em três de maio"),
+        ("5,50 € é 12%.", "cinco euros e cinquenta cêntimos é doze por cento."),
+        ("Às 10:30.", "Às dez e trinta."),
+        ("Faz 21°C.", "Faz vinte e um graus Celsius."),
+    ],
+    "dutch": [
+        ("$1,234 op 3 mei", "duizendtweehonderdvierendertig dollar op drie mei"),
+        ("€ 5,50 is 12%.", "vijf euro, vijftig cent is twaalf procent."),
+        ("Om 10:30.", "Om tien uur dertig."),
+        ("Op 1 mei 2026, de 3e keer.", "Op één mei tweeduizendzesentwintig, de derde keer."),
+    ],
+}  # fmt: skip
+
+
+class TestTextNormalization:
+    @pytest.mark.parametrize(
+        "language,raw,spoken",
+        [(lang, raw, spoken) for lang, rows in NORMALIZATION_TABLE.items() for raw, spoken in rows],
+    )
+    def test_language_table(self, language, raw, spoken):
+        assert srv.normalize_text(raw, language) == spoken
+
+    def test_every_language_has_rules_and_speaks_no_digits(self):
+        assert set(srv.LANGUAGES) == set(NORMALIZATION_TABLE)
+        for language in srv.LANGUAGES:
+            spoken = srv.normalize_text("$1,234 on 3 May 2026 at 10:30, 12% & 21°C.", language)
+            assert not any(c.isdigit() or c in "$%&°" for c in spoken), (language, spoken)
+
+    @pytest.mark.parametrize(
+        "raw,spoken",
+        [
+            ("\u201cQuoted\u201d \u2014 and \u2018single\u2019\u2026", '"Quoted" - and \'single\'...'),
+            ("  lots \n\n of\t space  ", "lots of space"),
+            ("**Bold**, __strong__, *em* and _it_ ~~gone~~", "Bold, strong, em and it gone"),
+            ("# Title\n\nBody text", "Title. Body text"),
+            ("See [the docs](https://example.com/x) and ![a logo](logo.png).", "See the docs and a logo."),
+            ("- one\n- two\n> quoted", "one two quoted"),
+            ("Use `pip install` now", "Use pip install now"),
+            ("Great job \U0001f600\U0001f44d\U0001f3fd! \u2764\ufe0f", "Great job ! "),
+            ("snake_case_name and 2*3", "snake_case_name and two*three"),
+        ],
+    )  # fmt: skip
+    def test_unicode_markdown_emoji_whitespace(self, raw, spoken):
+        assert srv.normalize_text(raw) == spoken.strip()
+
+    def test_model_language_follows_the_config(self):
+        for stem, language in [
+            ("english_2026-10", "english"),
+            ("german_24l", "german"),
+            ("portuguese", "portuguese"),
+            ("custom", "english"),
+        ]:
+            model = SimpleNamespace(origin=Path(f"/x/{stem}.yaml"))
+            assert srv.model_language(model) == language
+
+    def test_server_normalizes_in_the_model_language(self, tokenizer_path):
+        stub = StubModel(tokenizer_path, origin=CONFIGS_DIR / "french.yaml")
+        speech(make_server(stub).app.test_client(), input="Il fait 21°C.")
+        assert stub.generated == ["Il fait vingt et un degrés Celsius."]
+
+
+# =================================================================================================
+# Voice library: voices dir, voice map, cached latents, management API
+# =================================================================================================
+
+
+@pytest.fixture
+def voices_dir(tmp_path) -> Path:
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    return folder
+
+
+def spoken_freq(client, **body) -> float:
+    r = speech(client, response_format="wav", **body)
+    assert r.status_code == 200, r.data
+    return dominant_freq(*decode(r.data))
+
+
+def upload(client, name, data: bytes, filename="voice.wav"):
+    form = {"file": (io.BytesIO(data), filename)}
+    if name is not None:
+        form["name"] = name
+    return client.post("/v1/voices", data=form, content_type="multipart/form-data")
+
+
+def wav_bytes(freq: float, seconds: float = 2.0, rate: int = SR, tmp=None) -> bytes:
+    path = write_audio(
+        Path(tmp or "/tmp") / f"tmp-{freq}-{seconds}-{rate}.wav", tone(freq, seconds, rate), rate
+    )
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+class TestVoiceLibrary:
+    def test_voices_dir_entries_appear_and_disappear_live(self, stub, voices_dir):
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        assert "Speaker Two" not in [v["id"] for v in client.get("/v1/voices").json["data"]]
+        write_audio(voices_dir / "Speaker Two.wav", tone(320, 2.0))
+        listed = {v["id"]: v for v in client.get("/v1/voices").json["data"]}
+        assert listed["Speaker Two"]["kind"] == "custom"
+        assert listed["Speaker Two"]["file"] == "Speaker Two.wav"
+        assert abs(spoken_freq(client, voice="Speaker Two") - 320) < 5
+        assert abs(spoken_freq(client, voice="Speaker Two.wav") - 320) < 5
+        assert abs(spoken_freq(client, voice="speaker two") - 320) < 5
+        (voices_dir / "Speaker Two.wav").unlink()
+        assert_openai_error(speech(client, voice="Speaker Two"), 400, "voice")
+
+    @pytest.mark.parametrize("suffix", [".mp3", ".flac"])
+    def test_voices_dir_reads_any_audio_format(self, stub, voices_dir, suffix):
+        write_audio(voices_dir / f"v{suffix}", np.stack([tone(330, 2.0, 44100)] * 2), 44100)
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        assert abs(spoken_freq(client, voice="v") - 330) < 5
+
+    def test_exported_safetensors_state_is_a_voice(self, stub, voices_dir):
+        export_model_state(StubModel.state(450), voices_dir / "exported.safetensors")
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        assert abs(spoken_freq(client, voice="exported") - 450) < 5
+        assert stub.loads == ["exported.safetensors"] and "clone" not in stub.encodes
+
+    def test_resolution_order(self, stub, voices_dir):
+        write_audio(voices_dir / "alba.wav", tone(210, 2.0))  # shadowed by the built-in
+        write_audio(voices_dir / "alloy.wav", tone(220, 2.0))  # shadowed by the OpenAI name
+        server = make_server(stub, voices_dir=str(voices_dir))
+        client = server.app.test_client()
+        assert abs(spoken_freq(client, voice="alba") - 300) < 5
+        assert abs(spoken_freq(client, voice="alloy") - 300) < 5
+        assert abs(spoken_freq(client, voice=str(voices_dir / "alloy.wav")) - 220) < 5
+        assert client.get("/v1/voices").json["resolution_order"] == list(srv.RESOLUTION_ORDER)
+
+    def test_voice_map_file(self, stub, voices_dir, tmp_path):
+        write_audio(voices_dir / "Speaker Two.wav", tone(320, 2.0))
+        mapping = tmp_path / "map.json"
+        mapping.write_text(json.dumps({"nova": "Speaker Two", "alloy": "marius", "echo": "gone"}))
+        server = make_server(stub, voices_dir=str(voices_dir), voice_map=str(mapping))
+        client = server.app.test_client()
+        assert abs(spoken_freq(client, voice="nova") - 320) < 5
+        assert abs(spoken_freq(client, voice="alloy") - 400) < 5
+        assert abs(spoken_freq(client, voice="echo") - 300) < 5  # missing target -> default
+        listed = {v["id"]: v for v in client.get("/v1/voices").json["data"]}
+        assert listed["nova"]["maps_to"] == "Speaker Two" and listed["echo"]["maps_to"] == "alba"
+
+    @pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"nova": 3}'])
+    def test_bad_voice_map_fails_at_start(self, stub, tmp_path, content):
+        mapping = tmp_path / "map.json"
+        mapping.write_text(content)
+        with pytest.raises(srv.VoiceError, match="voice_map"):
+            make_server(stub, voice_map=str(mapping))
+
+    def test_remote_urls_are_refused_unless_allowed(self, stub, reference):
+        import functools
+        import http.server
+
+        handler = functools.partial(
+            http.server.SimpleHTTPRequestHandler, directory=str(reference.parent)
+        )
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{reference.name}"
+        try:
+            err = assert_openai_error(
+                speech(make_server(stub).app.test_client(), voice=url), 400, "voice"
+            )
+            assert "--allow_remote_voices" in err["message"]
+            client = make_server(stub, allow_remote_voices=True).app.test_client()
+            assert abs(spoken_freq(client, voice=url) - 250) < 5
+            assert_openai_error(speech(client, voice=url + ".missing"), 400, "voice")
+        finally:
+            httpd.shutdown()
+
+    def test_long_references_are_truncated_to_30_seconds(self, stub, tmp_path, monkeypatch):
+        lengths = []
+        original = stub.get_state_for_audio_prompt
+        monkeypatch.setattr(
+            stub,
+            "get_state_for_audio_prompt",
+            lambda src, **k: lengths.append(getattr(src, "shape", None)) or original(src, **k),
+        )
+        ref = write_audio(tmp_path / "long.flac", tone(260, 45.0, 48000), 48000)
+        assert abs(spoken_freq(make_server(stub).app.test_client(), voice=str(ref)) - 260) < 5
+        assert lengths[-1] == (1, 30 * SR)
+
+    def test_cache_hit_restart_edit_and_corruption(self, tokenizer_path, voices_dir, tmp_path):
+        cache = tmp_path / "cache"
+        ref = write_audio(voices_dir / "me.wav", tone(310, 2.0))
+        first = StubModel(tokenizer_path)
+        client = make_server(
+            first, voices_dir=str(voices_dir), cache_dir=str(cache)
+        ).app.test_client()
+        assert abs(spoken_freq(client, voice="me") - 310) < 5
+        assert abs(spoken_freq(client, voice="me") - 310) < 5
+        assert first.encodes.count("clone") == 1  # a hit costs no encoding
+        files = list(cache.rglob("*.safetensors"))
+        assert len(files) == 1
+
+        restarted = StubModel(tokenizer_path)  # a new process: empty memory, same disk cache
+        client = make_server(
+            restarted, voices_dir=str(voices_dir), cache_dir=str(cache)
+        ).app.test_client()
+        assert abs(spoken_freq(client, voice="me") - 310) < 5
+        assert "clone" not in restarted.encodes and len(restarted.loads) == 1
+
+        time.sleep(0.01)
+        write_audio(ref, tone(370, 2.0))  # edited in place: new content, new latents
+        assert abs(spoken_freq(client, voice="me") - 370) < 5
+        assert restarted.encodes.count("clone") == 1
+
+        corrupted = StubModel(tokenizer_path)
+        for path in cache.rglob("*.safetensors"):
+            path.write_bytes(b"garbage")
+        server = make_server(corrupted, voices_dir=str(voices_dir), cache_dir=str(cache))
+        assert abs(spoken_freq(server.app.test_client(), voice="me") - 370) < 5  # rebuilt
+        assert corrupted.encodes.count("clone") == 1
+        key = server.engine.content_key(server.voices.resolve("me"))
+        assert _import_model_state(server.engine.cache.path(key), torch.device("cpu"))
+
+    def test_memory_cache_is_bounded(self):
+        cache = srv.LatentCache(None, capacity=3)
+        for i in range(10):
+            cache.put(f"k{i}", {"m": {"x": torch.zeros(1)}})
+        assert list(cache.memory) == ["k7", "k8", "k9"]
+        assert cache.get("k8") is not None and cache.get("k1") is None
+
+    def test_upload_use_details_delete(self, stub, voices_dir):
+        server = make_server(stub, voices_dir=str(voices_dir))
+        client = server.app.test_client()
+        r = upload(client, "Speaker Two", wav_bytes(340, 3.0))
+        assert r.status_code == 201, r.data
+        voice = r.json
+        assert (
+            voice["id"] == "Speaker Two"
+            and voice["kind"] == "custom"
+            and voice["object"] == "voice"
+        )
+        assert abs(voice["duration"] - 3.0) < 0.01 and voice["cached"] == {
+            "memory": True,
+            "disk": True,
+        }
+        assert (voices_dir / "Speaker Two.wav").is_file()
+        assert [p.name for p in voices_dir.iterdir()] == ["Speaker Two.wav"]  # no temp files left
+        encodes = stub.encodes.count("clone")
+        assert abs(spoken_freq(client, voice="Speaker Two") - 340) < 5
+        assert stub.encodes.count("clone") == encodes  # precomputed at upload
+
+        details = client.get("/v1/voices/Speaker Two").json
+        assert details["source"] == "Speaker Two.wav" and details["bytes"] > 0
+        assert client.get("/v1/voices/alba").json["kind"] == "builtin"
+        assert client.get("/v1/voices/nova").json["maps_to"] == "anna"
+        assert_openai_error(client.get("/v1/voices/nobody"), 404, "name")
+
+        cached = list(server.engine.cache.folder.glob("*.safetensors"))
+        r = client.delete("/v1/voices/Speaker Two")
+        assert r.status_code == 200 and r.json["deleted"] is True
+        assert not (voices_dir / "Speaker Two.wav").exists()
+        assert not any(p.exists() for p in cached)
+        assert_openai_error(client.get("/v1/voices/Speaker Two"), 404, "name")
+        assert_openai_error(client.delete("/v1/voices/Speaker Two"), 404, "name")
+
+    def test_upload_name_defaults_to_file_stem(self, stub, voices_dir):
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        r = upload(client, None, wav_bytes(330), filename="My Voice.flac")
+        assert r.status_code == 201 and r.json["id"] == "My Voice"
+        assert (voices_dir / "My Voice.flac").is_file()
+
+    @pytest.mark.parametrize("name", ["Speaker", "alba", "nova", "ALLOY", "speaker"])
+    def test_upload_clash_is_409(self, stub, voices_dir, name):
+        write_audio(voices_dir / "Speaker.wav", tone(300, 2.0))
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        err = assert_openai_error(upload(client, name, wav_bytes(330)), 409, "name")
+        assert err["code"] == "voice_exists"
+
+    @pytest.mark.parametrize(
+        "name,data,filename,param",
+        [
+            ("../evil", None, "v.wav", "name"),
+            (".hidden", None, "v.wav", "name"),
+            ("a/b", None, "v.wav", "name"),
+            ("x" * 65, None, "v.wav", "name"),
+            ("ok", None, "v.txt", "file"),
+            ("ok", b"RIFF" + os.urandom(5000), "v.wav", "file"),
+            ("ok", b"", "v.wav", "file"),
+            ("ok", "short", "v.wav", "file"),
+        ],
+        ids=["dotdot", "hidden", "slash", "long", "txt", "random-bytes", "empty", "short"],
+    )
+    def test_upload_rejects_bad_input(self, stub, voices_dir, name, data, filename, param):
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        if data is None:
+            data = wav_bytes(330)
+        elif data == "short":
+            data = wav_bytes(330, 0.2)
+        assert_openai_error(upload(client, name, data, filename), 400, param)
+        assert list(voices_dir.iterdir()) == []  # nothing stored
+
+    def test_upload_without_file_and_too_large(self, stub, voices_dir):
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        r = client.post("/v1/voices", data={"name": "x"}, content_type="multipart/form-data")
+        assert_openai_error(r, 400, "file")
+        big = b"RIFF" + bytes(26 * 1024 * 1024)
+        assert upload(client, "big", big).status_code == 413
+        assert upload(client, "big", big).json["error"]["message"]
+
+    def test_builtin_and_openai_voices_cannot_be_deleted(self, client):
+        assert_openai_error(client.delete("/v1/voices/alba"), 403, "name")
+        assert_openai_error(client.delete("/v1/voices/alloy"), 403, "name")
+
+    def test_listing_kinds(self, tokenizer_path, voices_dir, reference):
+        write_audio(voices_dir / "mine.wav", tone(300, 2.0))
+        with_builtins = make_server(StubModel(tokenizer_path), voices_dir=str(voices_dir))
+        kinds = {v["kind"] for v in with_builtins.app.test_client().get("/v1/voices").json["data"]}
+        assert kinds == {"openai", "builtin", "custom"}
+        custom = StubModel(tokenizer_path, origin=Path("/x/custom.yaml"))
+        without = make_server(custom, voices_dir=str(voices_dir), default_voice="mine")
+        listed = without.app.test_client().get("/v1/voices").json
+        assert {v["kind"] for v in listed["data"]} == {"openai", "custom"}
+        assert listed["default"] == "mine"
+
+
+# =================================================================================================
 # Other endpoints, errors, auth
 # =================================================================================================
 
@@ -848,13 +1211,48 @@ class TestRealModel:
         want = self.library_seconds(real.model, text)
         assert abs(duration(b"".join(parts), fmt) - want) < CODEC_SLACK[fmt] + 0.002
 
-    def test_cloning_from_a_reference_path(self, real, tmp_path):
-        ref = write_audio(tmp_path / "other.flac", np.stack([tone(180, 4.0, 48000)] * 2), 48000)
-        r = requests.post(
-            f"{real.url}/v1/audio/speech",
-            json={"input": "Hello world.", "voice": str(ref), "response_format": "wav"},
+    @pytest.fixture
+    def encodes(self, real, monkeypatch) -> list:
+        """Shapes of the audio pocket-tts's Mimi encoder is given (one per voice encoding)."""
+        calls, original = [], real.model._encode_audio
+        monkeypatch.setattr(
+            real.model, "_encode_audio", lambda audio: calls.append(audio.shape) or original(audio)
         )
-        assert r.status_code == 200 and duration(r.content) > 1.0
+        return calls
+
+    @pytest.mark.parametrize(
+        "suffix,rate,channels,seconds",
+        [(".wav", 24000, 1, 3.0), (".flac", 48000, 2, 4.0), (".mp3", 44100, 2, 3.0),
+         (".wav", 48000, 1, 40.0)],
+        ids=["wav", "flac-48k-stereo", "mp3-stereo", "long-wav-48k"],
+    )  # fmt: skip
+    def test_cloning_encodes_each_recording_once(
+        self, real, tmp_path, encodes, suffix, rate, channels, seconds
+    ):
+        ref = write_audio(
+            tmp_path / f"ref{suffix}", np.stack([tone(180, seconds, rate)] * channels), rate
+        )
+        body = {"input": "Hello world.", "voice": str(ref), "response_format": "wav"}
+        for _ in range(2):
+            r = requests.post(f"{real.url}/v1/audio/speech", json=body)
+            assert r.status_code == 200, r.text
+            assert abs(duration(r.content) - self.library_seconds(real.model, body["input"])) < 1e-3
+        assert len(encodes) == 1  # the second request skipped encoding
+        kept = encodes[0][-1] / SR  # pocket-tts ends the prompt on an 80 ms pause
+        assert kept <= 30.0 + 0.081 and (seconds > 30 or kept > seconds - 0.5)
+
+    def test_restart_reuses_the_disk_cache(self, real, tmp_path, encodes):
+        ref = write_audio(tmp_path / "me.wav", tone(200, 3.0))
+        settings = srv.Settings(
+            model_path="x", default_voice=str(ref), cache_dir=str(tmp_path / "cache")
+        )
+        first = srv.build_server(settings, model=real.model)  # encodes the default voice
+        restarted = srv.build_server(settings, model=real.model)  # memory empty, disk warm
+        r = restarted.app.test_client().post(
+            "/v1/audio/speech", json={"input": "Hello world.", "response_format": "pcm"}
+        )
+        assert r.status_code == 200 and len(r.data) > 0
+        assert len(encodes) == 1 and first is not restarted
 
     @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
     def test_openai_sdk(self, real, speed):
