@@ -1289,6 +1289,8 @@ class SpeechServer:
             sample_rate=self.engine.sample_rate,
             voices=len(self.voices.names()),
             default_voice=self.voices.default.name,
+            max_input_chars=self.settings.max_input_chars,
+            auth=bool(self.settings.api_key),
         )
 
     def models(self):
@@ -1548,16 +1550,764 @@ def main(argv: list[str] | None = None) -> int:
 # Page (HTML/CSS/JS) and logo, embedded so that this file runs alone
 # =================================================================================================
 
-PAGE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>pocket-tts</title>
+PAGE_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="/pocket-tts-logo.png"></head>
-<body><img src="/pocket-tts-logo.png" alt="pocket-tts" height="48">
-<p>OpenAI-compatible speech server. POST /v1/audio/speech.</p></body></html>
+<meta name="color-scheme" content="light dark">
+<title>pocket-tts studio</title>
+<link rel="icon" type="image/png" href="/pocket-tts-logo.png">
+<style>
+/* ---- theme: light by default, dark by prefers-color-scheme ---------------------------------- */
+:root {
+  --bg: #f6f5f2; --panel: #ffffff; --ink: #181c26; --muted: #646b7a; --line: #e3e1dc;
+  --accent: #ff6b4a; --accent-ink: #ffffff; --accent-soft: #ffe9e3; --danger: #c62f2f;
+  --ok: #1f8a4c; --focus: #2f6fed; --shadow: 0 1px 2px rgba(0,0,0,.05), 0 4px 16px rgba(0,0,0,.05);
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #14161c; --panel: #1d2029; --ink: #eceef3; --muted: #9aa1b0; --line: #2e3240;
+    --accent: #ff7a5c; --accent-ink: #1a0d08; --accent-soft: #3a221c; --danger: #ff6b6b;
+    --ok: #4cc38a; --focus: #7aa2ff; --shadow: none;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+:focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
+.wrap { max-width: 1080px; margin: 0 auto; padding: 20px 20px 48px; }
+
+/* ---- header -------------------------------------------------------------------------------- */
+header { display: flex; align-items: center; gap: 14px; margin-bottom: 18px; }
+header img { width: 52px; height: 52px; object-fit: cover; object-position: left; }
+header h1 { font-size: 26px; margin: 0; letter-spacing: -.5px; font-weight: 600; }
+header h1 span { color: var(--accent); margin-left: .12em; }
+#status { margin-left: auto; font-size: 13px; color: var(--muted); text-align: right; }
+
+/* ---- layout -------------------------------------------------------------------------------- */
+main { display: grid; grid-template-columns: minmax(0, 1.6fr) minmax(0, 1fr); gap: 18px; }
+@media (max-width: 760px) { main { grid-template-columns: 1fr; } #status { display: none; } }
+section { background: var(--panel); border: 1px solid var(--line); border-radius: 14px;
+  padding: 18px; box-shadow: var(--shadow); }
+section h2 { font-size: 14px; text-transform: uppercase; letter-spacing: .6px; color: var(--muted);
+  margin: 0 0 12px; font-weight: 600; }
+.side { display: grid; gap: 18px; align-content: start; }
+#results-panel { grid-column: 1 / -1; }
+
+/* ---- controls ------------------------------------------------------------------------------ */
+label { font-size: 13px; color: var(--muted); display: block; margin-bottom: 4px; }
+textarea, select, input[type=text], input[type=password] { width: 100%; font: inherit;
+  color: inherit; background: var(--bg); border: 1px solid var(--line); border-radius: 10px;
+  padding: 9px 11px; }
+textarea { min-height: 150px; resize: vertical; }
+.row { display: grid; grid-template-columns: 1.4fr 1fr 1.2fr; gap: 12px; margin-top: 12px; }
+@media (max-width: 520px) { .row { grid-template-columns: 1fr; } }
+.chips { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 10px; }
+button { font: inherit; cursor: pointer; white-space: nowrap; border-radius: 10px;
+  border: 1px solid var(--line); background: var(--panel); color: var(--ink); padding: 7px 12px; }
+button:hover { border-color: var(--accent); }
+button:disabled { opacity: .5; cursor: not-allowed; }
+.chip { border-radius: 999px; font-size: 13px; padding: 5px 12px; }
+.primary { background: var(--accent); color: var(--accent-ink); border-color: var(--accent);
+  font-weight: 600; padding: 10px 22px; }
+.primary.stop { background: var(--ink); border-color: var(--ink); color: var(--bg); }
+.counter { font-size: 12px; color: var(--muted); text-align: right; margin-top: 4px; }
+.counter.over { color: var(--danger); font-weight: 600; }
+.speed { display: flex; align-items: center; gap: 8px; }
+.speed input { flex: 1; accent-color: var(--accent); }
+.speed output { min-width: 44px; text-align: right; font-variant-numeric: tabular-nums; }
+.actions { display: flex; align-items: center; gap: 14px; margin-top: 16px; flex-wrap: wrap; }
+#metrics { font-size: 13px; color: var(--muted); font-variant-numeric: tabular-nums; }
+kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
+  padding: 0 4px; }
+#player { width: 100%; margin-top: 12px; }
+.alert { border-radius: 10px; padding: 10px 12px; margin-bottom: 14px; font-size: 14px;
+  border: 1px solid var(--danger); color: var(--danger); background: transparent; }
+.alert[hidden] { display: none; }
+
+/* ---- cloning ------------------------------------------------------------------------------- */
+.drop { display: block; border: 1.5px dashed var(--line); border-radius: 12px; padding: 18px;
+  text-align: center; color: var(--muted); cursor: pointer; transition: border-color .15s; }
+.drop:hover, .drop.over, .drop:focus-within { border-color: var(--accent); color: var(--ink); }
+.drop input { position: absolute; opacity: 0; width: 1px; height: 1px; }
+.clone-row { display: flex; gap: 8px; margin-top: 10px; }
+.voices { list-style: none; padding: 0; margin: 12px 0 0; display: grid; gap: 6px; }
+.voices li { display: flex; align-items: center; justify-content: space-between; gap: 8px;
+  background: var(--bg); border-radius: 8px; padding: 6px 6px 6px 10px; font-size: 14px; }
+.icon { padding: 3px 9px; font-size: 13px; }
+.hint { font-size: 12px; color: var(--muted); margin: 8px 0 0; }
+
+/* ---- results ------------------------------------------------------------------------------- */
+#results { list-style: none; padding: 0; margin: 0; display: grid; gap: 10px; }
+#results li { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 6px 14px;
+  align-items: center; border-top: 1px solid var(--line); padding-top: 10px; }
+#results li:first-child { border-top: 0; padding-top: 0; }
+.meta { font-size: 13px; color: var(--muted); }
+.meta b { color: var(--ink); font-weight: 600; }
+.snippet { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#results audio { width: 100%; height: 36px; grid-column: 1 / -1; }
+.empty { color: var(--muted); font-size: 14px; }
+</style>
+</head>
+<body>
+<div class="wrap">
+  <header>
+    <img src="/pocket-tts-logo.png" alt="pocket-tts logo" width="52" height="52">
+    <h1>pocket<span>tts</span> studio</h1>
+    <div id="status" aria-live="polite">connecting…</div>
+  </header>
+
+  <div id="error" class="alert" role="alert" hidden></div>
+  <form id="key-form" class="alert" hidden>
+    <label for="api-key">This server needs an API key. It is kept in this browser only.</label>
+    <div class="clone-row">
+      <input id="api-key" type="password" autocomplete="current-password" required>
+      <button type="submit">Save key</button>
+    </div>
+  </form>
+
+  <main>
+    <!-- Compose: text, voice, format, speed, generate --------------------------------------- -->
+    <section aria-labelledby="compose-title">
+      <h2 id="compose-title">Text</h2>
+      <div class="chips" role="group" aria-label="Ready prompts">
+        <button type="button" class="chip" data-prompt="greeting">Short greeting</button>
+        <button type="button" class="chip" data-prompt="numbers">Numbers &amp; dates</button>
+        <button type="button" class="chip" data-prompt="long">Long passage</button>
+      </div>
+      <label for="text">What should it say?</label>
+      <textarea id="text" spellcheck="true"></textarea>
+      <div id="counter" class="counter" aria-live="polite"></div>
+      <div class="row">
+        <div><label for="voice">Voice</label><select id="voice"></select></div>
+        <div><label for="format">Format</label>
+          <select id="format">
+            <option value="mp3">MP3</option><option value="opus">Opus</option>
+            <option value="aac">AAC</option><option value="flac">FLAC</option>
+            <option value="wav">WAV</option><option value="pcm">PCM (raw)</option>
+          </select></div>
+        <div><label for="speed">Speed</label>
+          <div class="speed">
+            <input id="speed" type="range" min="0.25" max="4" step="0.05" value="1">
+            <output id="speed-out" for="speed">1.00×</output></div></div>
+      </div>
+      <div class="actions">
+        <button type="button" id="generate" class="primary">Generate</button>
+        <span class="hint"><kbd>Ctrl</kbd>/<kbd>⌘</kbd> + <kbd>Enter</kbd></span>
+        <span id="metrics" aria-live="polite"></span>
+      </div>
+      <audio id="player" controls></audio>
+    </section>
+
+    <div class="side">
+      <!-- Clone: upload a recording, manage your voices ------------------------------------ -->
+      <section aria-labelledby="clone-title">
+        <h2 id="clone-title">Clone a voice</h2>
+        <label class="drop" id="drop">
+          <input id="clone-file" type="file" accept="audio/*,.wav,.mp3,.flac,.ogg,.opus,.m4a,.webm">
+          <span id="drop-text">Drop a recording here, or click to choose one.<br>
+            5–30 s of clear speech works best.</span>
+        </label>
+        <div class="clone-row">
+          <input id="clone-name" type="text" placeholder="Voice name" aria-label="Voice name"
+                 maxlength="64">
+          <button type="button" id="clone-add" disabled>Add voice</button>
+        </div>
+        <ul id="my-voices" class="voices" aria-label="Your voices"></ul>
+      </section>
+    </div>
+
+    <!-- Results of this session ------------------------------------------------------------- -->
+    <section id="results-panel" aria-labelledby="results-title">
+      <h2 id="results-title">Results</h2>
+      <ul id="results"><li class="empty">Generated audio appears here.</li></ul>
+    </section>
+  </main>
+</div>
+
+<script>
+"use strict";
+// ---- state and small helpers ----------------------------------------------------------------
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "pocket-tts-api-key";
+const SAMPLE_RATE = 24000;
+const MIME = { mp3: "audio/mpeg", opus: "audio/ogg; codecs=opus", aac: "audio/aac",
+               flac: "audio/flac", wav: "audio/wav", pcm: "audio/pcm" };
+const PROMPTS = {
+  greeting: "Hello! I'm pocket-tts, a small text-to-speech model running right here on " +
+            "this machine.",
+  numbers: "On 3 May 2026 at 10:30, the little shop sold 1,234 tickets at $12.50 each: " +
+           "a 15% jump on the 2nd quarter, with 21°C of sunshine outside.",
+  long: "The lighthouse keeper climbed the spiral stairs every evening, counting the steps " +
+        "as his father had taught him. There were one hundred and twelve of them, worn smooth " +
+        "in the middle by a century of boots. At the top he trimmed the wick, wiped the great " +
+        "lens, and watched the first beam sweep across the water. Far out, a fishing boat " +
+        "turned toward the harbour. He never learned the names of the sailors he guided home, " +
+        "and he liked it that way. The light did not ask who was out there. It simply kept " +
+        "turning, patient and bright, until the morning came back over the hills.",
+};
+const ui = { maxChars: 4096, defaultVoice: null, job: null, results: 0 };
+let apiKey = localStorage.getItem(KEY_STORAGE) || "";
+
+class ApiError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
+}
+
+/** fetch() against the API: adds the key, turns OpenAI error objects into ApiError. */
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey) headers.set("Authorization", "Bearer " + apiKey);
+  const response = await fetch(path, { ...options, headers });
+  if (response.ok) return response;
+  let message = `${response.status} ${response.statusText}`;
+  try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
+  if (response.status === 401) showKeyForm();
+  throw new ApiError(message, response.status);
+}
+
+function showError(error) {
+  if (error && error.name === "AbortError") return;
+  $("error").textContent = error instanceof Error ? error.message : String(error);
+  $("error").hidden = false;
+}
+function clearError() { $("error").hidden = true; $("error").textContent = ""; }
+function showKeyForm() { $("key-form").hidden = false; $("api-key").focus(); }
+
+// ---- server status and voices ---------------------------------------------------------------
+async function loadStatus() {
+  const health = await (await fetch("/health")).json();
+  ui.maxChars = health.max_input_chars || ui.maxChars;
+  ui.defaultVoice = health.default_voice;
+  const model = health.model.split(/[\\/]/).pop();
+  $("status").textContent = `${model} · ${health.device} · ${health.sample_rate / 1000} kHz`;
+  updateCounter();
+}
+
+async function loadVoices(select) {
+  const listing = await (await api("/v1/voices")).json();
+  ui.defaultVoice = listing.default;
+  const current = select || $("voice").value || listing.default;
+  const groups = { builtin: "Built-in voices", custom: "Your voices", openai: "OpenAI names" };
+  const voice = $("voice");
+  voice.replaceChildren();
+  if (!listing.data.some((v) => v.id === listing.default)) {
+    // A default given as a file path is not a listed name: "" asks the server for its default.
+    voice.append(new Option(`${listing.default} (default)`, ""));
+  }
+  for (const [kind, title] of Object.entries(groups)) {
+    const entries = listing.data.filter((v) => v.kind === kind);
+    if (!entries.length) continue;
+    const group = document.createElement("optgroup");
+    group.label = title;
+    for (const v of entries) {
+      const label = kind === "openai" ? `${v.id} → ${v.maps_to}` : v.id;
+      group.append(new Option(v.default ? `${label} (default)` : label, v.id));
+    }
+    voice.append(group);
+  }
+  const known = (id) => [...voice.options].some((o) => o.value === id);
+  voice.value = known(current) ? current : known(listing.default) ? listing.default : "";
+  renderMyVoices(listing.data.filter((v) => v.kind === "custom"));
+}
+
+function renderMyVoices(voices) {
+  const list = $("my-voices");
+  list.replaceChildren();
+  for (const v of voices) {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.textContent = v.id;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "icon";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove voice ${v.id}`);
+    remove.addEventListener("click", () => removeVoice(v.id));
+    item.append(name, remove);
+    list.append(item);
+  }
+}
+
+// ---- cloning: pick or drop a file, upload it through the voice management API --------------
+let cloneFile = null;
+
+function pickCloneFile(file) {
+  if (!file) return;
+  cloneFile = file;
+  $("drop-text").textContent = `${file.name} (${(file.size / 1024 / 1024).toFixed(1)} MB)`;
+  const stem = file.name.replace(/\.[^.]+$/, "").slice(0, 64);
+  if (!$("clone-name").value) $("clone-name").value = stem;
+  $("clone-add").disabled = false;
+}
+
+async function addVoice() {
+  if (!cloneFile) return;
+  clearError();
+  const button = $("clone-add");
+  button.disabled = true;
+  button.textContent = "Adding…";
+  try {
+    const form = new FormData();
+    form.append("name", $("clone-name").value.trim());
+    form.append("file", cloneFile, cloneFile.name);
+    const voice = await (await api("/v1/voices", { method: "POST", body: form })).json();
+    cloneFile = null;
+    $("clone-file").value = "";
+    $("clone-name").value = "";
+    $("drop-text").textContent = `Added “${voice.id}”. Drop another recording to add more.`;
+    await loadVoices(voice.id);
+  } catch (error) {
+    showError(error);
+  } finally {
+    button.textContent = "Add voice";
+    button.disabled = !cloneFile;
+  }
+}
+
+async function removeVoice(name) {
+  clearError();
+  try {
+    await api(`/v1/voices/${encodeURIComponent(name)}`, { method: "DELETE" });
+    await loadVoices($("voice").value === name ? ui.defaultVoice : undefined);
+  } catch (error) { showError(error); }
+}
+
+// ---- players: audio starts while the server is still generating -----------------------------
+
+/** Raw 16-bit PCM (pcm, or wav after its header) scheduled gap-free with Web Audio. */
+class PcmPlayer {
+  constructor(hasWavHeader) {
+    this.ctx = new AudioContext({ sampleRate: SAMPLE_RATE });
+    this.next = 0;
+    this.pending = new Uint8Array(0);  // odd bytes, or a WAV header still arriving
+    this.inHeader = hasWavHeader;
+    this.pcm = [];                     // every sample byte, to build the result file
+  }
+  push(bytes) {
+    let data = concat(this.pending, bytes);
+    if (this.inHeader) {
+      const at = findDataChunk(data);
+      if (at < 0) { this.pending = data; return false; }
+      data = data.subarray(at);
+      this.inHeader = false;
+    }
+    const even = data.length - (data.length % 2);
+    this.pending = data.slice(even);
+    if (!even) return false;
+    const chunk = data.slice(0, even);
+    this.pcm.push(chunk);
+    const ints = new Int16Array(chunk.buffer, chunk.byteOffset, even / 2);
+    const buffer = this.ctx.createBuffer(1, ints.length, SAMPLE_RATE);
+    const floats = buffer.getChannelData(0);
+    for (let i = 0; i < ints.length; i++) floats[i] = ints[i] / 32768;
+    const source = this.ctx.createBufferSource();
+    source.buffer = buffer;
+    source.connect(this.ctx.destination);
+    this.next = Math.max(this.next, this.ctx.currentTime + 0.05);
+    source.start(this.next);
+    this.next += buffer.duration;
+    return true;
+  }
+  finish() { return Promise.resolve(); }
+  stop() { this.ctx.close(); }
+}
+
+/** Compressed formats the browser can stream (MediaSource), fed as bytes arrive. */
+class MsePlayer {
+  constructor(audio, mime) {
+    this.audio = audio;
+    this.queue = [];
+    this.done = false;
+    this.source = new MediaSource();
+    this.ready = new Promise((resolve) => this.source.addEventListener("sourceopen", () => {
+      this.buffer = this.source.addSourceBuffer(mime);
+      this.buffer.mode = "sequence";
+      this.buffer.addEventListener("updateend", () => this.pump());
+      resolve();
+    }, { once: true }));
+    audio.src = URL.createObjectURL(this.source);
+  }
+  push(bytes) {
+    this.queue.push(bytes);
+    this.ready.then(() => this.pump());
+    if (!this.started) { this.started = true; this.audio.play().catch(() => {}); }
+    return true;
+  }
+  pump() {
+    if (!this.buffer || this.buffer.updating) return;
+    if (this.queue.length) this.buffer.appendBuffer(this.queue.shift());
+    else if (this.done && this.source.readyState === "open") this.source.endOfStream();
+  }
+  async finish() { await this.ready; this.done = true; this.pump(); }
+  stop() { this.audio.pause(); }
+}
+
+/** Anything else (e.g. Ogg Opus where MediaSource lacks it): play once complete. */
+class BufferedPlayer {
+  push() { return false; }
+  finish() { return Promise.resolve(); }
+  stop() {}
+}
+
+function makePlayer(format) {
+  if (format === "pcm" || format === "wav") return new PcmPlayer(format === "wav");
+  if (window.MediaSource && MediaSource.isTypeSupported(MIME[format])) {
+    return new MsePlayer($("player"), MIME[format]);
+  }
+  return new BufferedPlayer();
+}
+
+function concat(a, b) {
+  if (!a.length) return b;
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+}
+
+function findDataChunk(bytes) {  // offset of the first sample after the WAV "data" chunk header
+  for (let i = 12; i + 8 <= bytes.length; i++) {
+    const tag = String.fromCharCode(bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]);
+    if (tag === "data") return i + 8;
+  }
+  return -1;
+}
+
+function wavFile(pcmChunks) {  // a WAV with its real sizes, from 16-bit mono PCM
+  const size = pcmChunks.reduce((n, c) => n + c.length, 0);
+  const header = new DataView(new ArrayBuffer(44));
+  const text = (at, s) => [...s].forEach((ch, i) => header.setUint8(at + i, ch.charCodeAt(0)));
+  text(0, "RIFF"); header.setUint32(4, 36 + size, true); text(8, "WAVEfmt ");
+  header.setUint32(16, 16, true); header.setUint16(20, 1, true); header.setUint16(22, 1, true);
+  header.setUint32(24, SAMPLE_RATE, true); header.setUint32(28, SAMPLE_RATE * 2, true);
+  header.setUint16(32, 2, true); header.setUint16(34, 16, true);
+  text(36, "data"); header.setUint32(40, size, true);
+  return new Blob([header, ...pcmChunks], { type: "audio/wav" });
+}
+
+// ---- generation ------------------------------------------------------------------------------
+async function generate() {
+  if (ui.job) { ui.job.abort(); return; }
+  const text = $("text").value;
+  if (!text.trim() || text.length > ui.maxChars) return;
+  clearError();
+  const format = $("format").value;
+  const request = { model: "pocket-tts", input: text, voice: $("voice").value,
+                    response_format: format, speed: Number($("speed").value), stream: true };
+  const job = new AbortController();
+  ui.job = job;
+  setBusy(true);
+  $("metrics").textContent = "generating…";
+  const started = performance.now();
+  let firstAudio = null;
+  const player = makePlayer(format);
+  const chunks = [];
+  try {
+    const response = await api("/v1/audio/speech", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request), signal: job.signal,
+    });
+    const reader = response.body.getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      chunks.push(value);
+      if (player.push(value) && firstAudio === null) firstAudio = performance.now() - started;
+    }
+    await player.finish();
+    const elapsed = (performance.now() - started) / 1000;
+    const blob = player instanceof PcmPlayer ? wavFile(player.pcm)
+                                             : new Blob(chunks, { type: MIME[format] });
+    const download = format === "pcm" ? new Blob(player.pcm, { type: "audio/pcm" }) : blob;
+    const seconds = await audioSeconds(blob, player);
+    if (player instanceof BufferedPlayer) {
+      $("player").src = URL.createObjectURL(blob);
+      $("player").play().catch(() => {});
+      firstAudio = performance.now() - started;
+    }
+    $("metrics").textContent = `first audio ${Math.round(firstAudio)} ms · ` +
+      `${seconds.toFixed(1)} s of audio · ${(seconds / elapsed).toFixed(1)}× real time`;
+    const voiceName = request.voice || ui.defaultVoice;
+    addResult({ voice: voiceName, text, format, blob, download, seconds });
+  } catch (error) {
+    player.stop();
+    if (error.name === "AbortError") $("metrics").textContent = "stopped";
+    else { $("metrics").textContent = ""; showError(error); }
+  } finally {
+    ui.job = null;
+    setBusy(false);
+  }
+}
+
+async function audioSeconds(blob, player) {
+  if (player instanceof PcmPlayer) {
+    return player.pcm.reduce((n, c) => n + c.length, 0) / 2 / SAMPLE_RATE;
+  }
+  try {
+    const ctx = new OfflineAudioContext(1, 1, SAMPLE_RATE);
+    return (await ctx.decodeAudioData(await blob.arrayBuffer())).duration;
+  } catch (_) {
+    return 0;
+  }
+}
+
+function setBusy(busy) {
+  const button = $("generate");
+  button.textContent = busy ? "Stop" : "Generate";
+  button.classList.toggle("stop", busy);
+  button.setAttribute("aria-label", busy ? "Stop generating" : "Generate speech");
+  updateCounter();
+}
+
+// ---- results: play again, download with a save dialog where the browser has one ------------
+function addResult(result) {
+  const list = $("results");
+  if (!ui.results++) list.replaceChildren();
+  const item = document.createElement("li");
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const snippet = document.createElement("div");
+  snippet.className = "snippet";
+  snippet.textContent = result.text;
+  const line = document.createElement("div");
+  line.innerHTML = "<b></b> · <span></span> · <span></span>";
+  line.children[0].textContent = result.voice;
+  line.children[1].textContent = result.format.toUpperCase();
+  line.children[2].textContent = `${result.seconds.toFixed(2)} s`;
+  meta.append(line, snippet);
+  const save = document.createElement("button");
+  save.type = "button";
+  save.textContent = "Download";
+  save.addEventListener("click", () => saveResult(result).catch(showError));
+  const audio = document.createElement("audio");
+  audio.controls = true;
+  audio.preload = "metadata";
+  audio.src = URL.createObjectURL(result.blob);
+  item.append(meta, save, audio);
+  list.prepend(item);
+}
+
+async function saveResult(result) {
+  const stamp = new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-");
+  const voice = result.voice.replace(/[^\w.-]+/g, "_").slice(0, 40);
+  const name = `pocket-tts-${voice}-${stamp}.${result.format}`;
+  if (window.showSaveFilePicker) {
+    let handle;
+    try {
+      handle = await window.showSaveFilePicker({ suggestedName: name,
+        types: [{ description: result.format.toUpperCase() + " audio",
+                  accept: { [MIME[result.format].split(";")[0]]: ["." + result.format] } }] });
+    } catch (error) {
+      if (error.name === "AbortError") return;  // the user closed the dialog
+      throw error;
+    }
+    const writable = await handle.createWritable();
+    await writable.write(result.download);
+    await writable.close();
+    return;
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(result.download);
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+}
+
+// ---- wiring ----------------------------------------------------------------------------------
+function updateCounter() {
+  const length = $("text").value.length;
+  const limit = ui.maxChars.toLocaleString();
+  $("counter").textContent = `${length.toLocaleString()} / ${limit} characters`;
+  $("counter").classList.toggle("over", length > ui.maxChars);
+  $("generate").disabled = !ui.job && (!$("text").value.trim() || length > ui.maxChars);
+}
+
+document.querySelectorAll("[data-prompt]").forEach((chip) => chip.addEventListener("click", () => {
+  $("text").value = PROMPTS[chip.dataset.prompt];
+  updateCounter();
+  $("text").focus();
+}));
+$("text").addEventListener("input", updateCounter);
+$("speed").addEventListener("input", () => {
+  $("speed-out").textContent = Number($("speed").value).toFixed(2) + "×";
+});
+$("generate").addEventListener("click", generate);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    generate();
+  }
+});
+$("clone-file").addEventListener("change", () => pickCloneFile($("clone-file").files[0]));
+$("clone-add").addEventListener("click", addVoice);
+const drop = $("drop");
+["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (event) => {
+  event.preventDefault();
+  drop.classList.add("over");
+}));
+["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => {
+  drop.classList.remove("over");
+}));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pickCloneFile(event.dataTransfer.files[0]);
+});
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey = $("api-key").value.trim();
+  localStorage.setItem(KEY_STORAGE, apiKey);
+  $("key-form").hidden = true;
+  loadVoices().catch(showError);
+});
+
+$("text").value = PROMPTS.greeting;
+loadStatus().catch(showError);
+loadVoices().catch(showError);
+</script>
+</body>
+</html>
 """
 
-LOGO_PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+LOGO_PNG = base64.b64decode(  # pocket-tts-logo.png, drawn by tools/make_logo.py
+    "iVBORw0KGgoAAAANSUhEUgAAAUAAAABQCAYAAABoMayFAAAmPUlEQVR42u19eXxd1XXut9Y+515NHvCk0fbPtiQbYWyBAoGm"
+    "iWxCwQNJmqaXtISENLxOadLSPpI2IY1QaJO+vNfSIXPTDFDyGl9eCQmDiSn2LVMgmBgDwpaNwUazsY0tWdK99+y13h/nXE1I"
+    "suRBnvb3+10P5+y9zz777POdtde0AQcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH"
+    "BwcHhzMadDyV9DjrnUWDom5qODg4DMOGRMJoImHO9fvUBvDm+nrPPXEHBycBhqSQSBhKJi0APHddXcESE8TeAtAdyDkhDU7z"
+    "WAFAjnq65NGth4dKuk4idHA4jwlQASJAd1x3yXt94MZA9SoBpqmcewPCTIFH+rSC7q164Fd3D71/N10cHM4zAtQGMBqhO9fV"
+    "fjFu+PYYE3qtQM5hRWCeYfhM6M7aDYHvffLCn/zyoJMEHRzOMwLMLXtfXLvy9vL8eENHfzoIGYDObT2gqgBki/P8WFd/5tEL"
+    "L3/hWgCgRoibMg4O5wEBDpDftStXFcXMY/1WAgE8OsctwMN5EJlZcS92MB3cdtHD2748VA/q4OBw9oOPyZBMN8eYSaB0PpFf"
+    "ePPq9QWiIHzipURNDBuSTgJ0cDjXCVABomTSPvH+pdMIelVvYM/9Ze+o4jFxvxXNY1rk9/q1RNDzwQ3IwcFJgABm9hufQAXn"
+    "s+ZfAXhErCTT3HRxcDiPCFB8oyCn+BdAVdnp/hwczicC5KwlAN757vvBBGKQiwxxcDhfCFAVdGTG9D4FOnwmQPW85EEmUMZq"
+    "JmvRBgCoqXG+gA4O5zIBEqBYVW9+LfmLPhXcH2fCebkUVrUFhqlf5PnlG7e9og1gamx0lmAHh3N+CTxvngLAovLZC9kYqJxn"
+    "LjAAQEQZUcyfd0GxNvxBPhqhivNwHE7yqEbzjjEBNywHh9NDgBs2iDbUewWF+VVzZs+AqJCq4nxwBqToBrOBpRnTC3XGjKIS"
+    "tLfNiULhHAGeoFwNQIb8HBxOG7wxZigRkb518zXTZ8TtIi8/jkXl86ht/yFkMgFAAJ3DPKBQGGZUzJtFs2YUCpjy4WkVgH1I"
+    "JAjJpJs5x/exlbllVbWeMf+gaqFK3UH/gRsPHDjQHX1YnH7V4fQTYA4zYr6CRKGKosI8LInPQ/fRfnT39kNEzjkS1Ej6K8yL"
+    "Y1pRHmKxGGAj7xcVJ62c+NIXpGYuMa+GAmolyM/P98/Q/hqgnlAPIJWatLSqiYRBV1f4gqxKybHiyCdb3mEKCHAYRGEMY+aM"
+    "IsycUXjufqsHMgAq4Djv5A8va1ZFbJhvgt5i5jN1JlkgBaSO8z6HxoynTn55h6kmwEhEUpEBHdnUstIUvScaevyQ0/SdyocZ"
+    "hhOqmjO0f1oyv+omAi8CABFs6WzduQVoYGB8LwBVEBG0aX3tTXGmRTFm9ATBlgsffGGLNjS8zYtgsuUdTicBAlNLDMxAEITS"
+    "mO+Hf0+BO6Ijv/OeoFUVnzbG1BERVNIFALYAW/iYS+Hbo/qCT8/K8+tiTDicsWH9LaPUn2x5h9NLgFM3DQk42g3MmAUYH3hr"
+    "PxCLA2ymhARP5QJ7UNYcdpyB+hHUm5KonB7ntQioH8XSf0LtIuxrgoCuIf2dp0BST9ELS2+X04/VP9Dw8Zxc/wh0SCQICAQQ"
+    "90x+IaGHDmayQYwJUPSc7PID9RrAaEpQTn+4BcCqefMUyaS4BL5nKwESAek+4JoEcO2HAT8O/HIzcO+3AbFnMwnqKC82A7DI"
+    "6ZxGh4nKTJAsEgwkbXi91DgvfMIASZkEEUbEAgskxyuDk0iEk5GChvQPGGM8x+sfDZ5XD2APRFAREx7fn/NdHPXjEfmIsjYA"
+    "Lz9LHoE8AoFITUhU+zl0pg/rT7b8267VAAqNJaM/C00kjCPCs40AmYHeHuBda4EP/8ng8VXvD4nvrr8HCgrPQgKs92YsfL2I"
+    "jVE+7MuBAzt7c8RXUlI5F4YuE1A1E2YAahncpkwvtO/b8XxUjiYg/UTK0qQFQOXlVSss6GIFKgDNA6ifid5glZdaW3dtj8oN"
+    "qTcuBki4rGzJfCG+TEkrCZyvin4C7Vajz3fua37tOEh7XPJbuHBhnur0/J6ePhubhXgGSB/cvfvIiH4PXG/2/KVlBngHq1QD"
+    "VKiKNBh7BLJ1/xu7Xx2nfwogiP49cI4UmZAwmzLH+PIoGsP6L61VOyC6EjIhUQ2vP9nyQzrJBAgaodvXX7w4X/kdWdBiUs0T"
+    "wlEDavZN8AtKJjtzZOlI8EwiQKLokYyi09NoGrx73aAlNqeUu/wq4Gc/BHqOAJ53tpCgAWBL57dfoZJ3v1oRytMjc+fWrGT2"
+    "lP30lxR6AxGXeDkv88gQo6JaMr/6BUDv7Hhj113HIKucpGRKKqr/EER/YFWXE7HhEe1akC2Zv/QlqH6no6X5W1G98SQtExJ1"
+    "1YXk8ecFeh0Rz+Qhz1FVAEFPcUX1RkXwpa6WPS+eIAlG16ysSQvfr5qZGSswMfSjLU/oAwCG+g4aALasbOlSZf2cQq8j0Gxi"
+    "b9h9k+JoaUX1I5K1X+zsfPXlwf4lDJC0JWVVN5ExN6narCpdGnqEAiDcXFJevQqkTGSILP9FW1vTttyY5TKFN62vvWmm7910"
+    "MBNkWXFpRhRhPl26uWntylVKxIVM1Gfx2Qsf/tVzr6y95PdmxM1Hj1U+LfIXSx96YZs2NPDtjY0gQJ67umbBjHj8KwJ8wPeo"
+    "cBoziICsKDKisOIfaF53yQ+OMH+RHtja60jwTCFAZiCbBbJpwHhAPO/t7iZEg8Q39GeDs9ZCIYIYG54V/S/ueYdEzLQkGW8d"
+    "RQQiVo4oIQ3FNGbOo1ABVUtkflhaUfUb7UvKfi/ySRtNhyhzFiwr9UV+RGxWhW4m4WpNxPYoqI+g+URcRMQG0JXE5uulFdW/"
+    "nWX+yJv7drSPQa4hEZVX3khM3ySiIihF9xQcVVDvkP4WMdFvi/rrSsqXfryjdWfyOEnQALAXlC5eoIYfYtBCIoKqHgLho21t"
+    "O5qHEj4AO6+i8gaBfouZp+VGZ6B/0EImU0BEhSD6LY7hN4rLKm/obNv9QNhOqD9TYKXv+atFCCIS5v9QBbFZxBxahIkYgWZK"
+    "hukmI/2bFawsyfNXGwK6sxZpUVgFinyzqMjjRVaB6R7jte6+0uh6tRMp//rRvhIAeLkp6TUCmVeuvXip73ub8g3P749I80CQ"
+    "PQxFQESzCzxGWnX2BXHvf2rGXtG85vJ1eOezPdroNvYaSx8ytcvbGRcAK64EyheFho6Jktp45YjC9s9YgiSNMuqoAgeVp91u"
+    "2KwTG6gV+Xco1rDa5T68ZWT1UhX9I4XuBgCxNk3Gv7H41bbvhy99gkeQH81YuHCmJ7qR2KwSsWmAoCKPqMiHhLHSh7dMGCtV"
+    "5EMq8ghAELFpYrPaE3n4gsWLZ2DAcDKciIorqm9m492tioKQE+RXVvVGYazw4S1jwSWi9tOq2i4qgGo+MX5cXL5kdUR+ZpJz"
+    "0paVLZud53kPMtFCVYhC3wzEvrfjjZ3PRe3JIDlXf9Swdw+AQg1dtZ4SyO/k+ieQlSryMYW+FEqrKCI295YuWFYHQFCzn6Mp"
+    "tC2w2UdtEDwiIofCYwQV2WOD4FFrg01BkH3UinYM+whFcfMAtnX0Zx59sz/7SNrqIUMEnwk9Wbunsy/z6P50ZlN7X/ZRGK8t"
+    "bFt+NZHyAagDAPZ3NYkmYIT5+3Hm+UcDG2St3ZW28kGPcJGvdKEhfWe/6L/GmHEgHfTP9M27MtT/dWqEJBMu9no0ndFoOoZw"
+    "YfPH6y8Ay6tgvgCiJxYHywz0HgVWvBP42K3AzNmhi8tPfwA89CMgvxDISS39vcBn7gSqVwyXBHt7gNtvBroPD18CT0SqPG6z"
+    "hQpiHiNtr6JvPrT5ODZGCkmkfOlqZnpMVRTQACCPiHqtyke7WnbdN1rFsrJls4Xlp0T8ayLSb4zJEw0+3vHGrh8OkaxyJHAP"
+    "G3ODtbafmfMg9rb21l1fHqtTpeVVnwObL+fatTb4UWfrro+MbLd0wZI6Fe8XgIKIPRX9Sdzr/929e/f2j2xz3oKqxay0BYpS"
+    "IjIquodk2or29q19QL0BUsGQcYAqDsVN/5J9+/YdGkK+Wly8ooD8/k3EfKWKCIDDCl3T2bLr2WjVEuRIcF7F0uUMfQ6AIWIj"
+    "qt/sbNn5qdGW87MqK6fH+nkjEV0BEInKtoriaZdv3brVjixfUlG9iYiuJiIE1t7WNc5YjoamtSs35Xnm6jgT3srY2y56eNuX"
+    "T6T8hkTCXJ9M2peuW/HrBeQ93heI+EzpjNV3LN+4rWlkey+vrf27Ip//sidr+33mWEalbvlDL2yLjCrOtWZKJUCikKDmFAM3"
+    "fz4kP2sBzwC/9T+AlVcA/UdDIptqqfI0rIYBMkREVvSPQvKr86MXOkcCDNT5bW07DmSg1yvkABF8VRFV+lJx8YrCsJ16LyLX"
+    "VcR8g7VBxhjOE5V/Dcmv3ovK8GC74bH21l1fEbHfNYbzrA0yzOaGkopl9SH51XuRdENizZ1E5IFAqrrDo6M3hORX5w9vtzLe"
+    "tW/XHhX9YyL2RDTNhpcod38IgFZWtpoJzkWGn05G5GcB6hax60eQX076Uob+AxHHiIhVZXNny85PhudG3ndN7ODu3UcC4Y8r"
+    "0K8qwsy1rR09H4ik6tz4R/XUGyIlxHNtDGlzVMFBG+BpA1ijBLrhJ1rj2gDWRE0sPAeabPm5uTA5i8s9Is0zzBmRbcs3bmt6"
+    "rq7Ob0BYbnN9vbchAVPQe+j2o4F9c7rv5c3N85kUnwCALVvqnRR4Wggw0w9ULAEKp4WuLMYAgQ2luOpaIMhMnrQGpMorgL/6"
+    "GvCnXwY+/w1g/Y1AX2+kAzuzoKpCxCwiT3W1Nv97+KJuzUZSV87dQcJjdf7Bll2tUPknZmNEJGDmBeT1rgWgNbmlG+QWAEpE"
+    "nhU5YIQ/Fz7blACpIJJuonZTQeQaw0bNX1mRAxHBqaq9BQCidmVu2ZIrmendqjYgYiNWvtTS0tI3pM9D2t2dBmA6W3c9qGJf"
+    "NsbkgRgg/T0AiMVi4+ue6usJgJSUV9/FTGtVxBLQa61e19X26tMjyM8AkJKK6suI6GqN4rRF5fOD50fed1MGqPfebNvRrCoP"
+    "ETGHNg79aFglCQzPVKMjTHMCzB3t3HCrLpCL4x1Wnxoh6Jor1IgBt5TJlF+Vm/LE02hQURH+WQfcDigBujqVCoAEFqX29kPp"
+    "nwPFE4cy2ceJkQaAVatSTvo7JUYQokHCCfVAoxg2oqiOHNHllrZB9jhW1yOkysJpw6XK1j3A9l+ES+szK6ZXiQhEdM+xb3qr"
+    "BUDCdA+svY2IvNDmyusA3NvU1JQpqayciz5arSpgZrYi/9nWtuNAzrI5thSaMG1tyQPFFdX/ycy/LyJKoKtKKivnNjU1vRm+"
+    "bOaDIFIoGRF7IN2beTjsc2qMdhMAklDCt1T1oypWFXQIgNfU1JQd3TgkoYSWSgUl5VVfY2NuELGWCP2q8r797bufGEF+CB2c"
+    "UwDwwci2ySL6ypwZsee7Sup8bAWAolHm9uteXV0dtXUceQSMD6kIAXpZcfGKws7O7UdxBqc62zLwGmk7AEpbG+QZvqTp2kuu"
+    "rPnO1qeB0O9vS1cXrUomrQJED2+7A8Adw94at/w9BQTIDGTSQDpSC8XzwqiNtxHPEPeXiRo3Ji1VBuHf1bXA8/8NUNGIejxo"
+    "6yQK602l0pXIiAg01Fsdw1EZAoC69u16rbiiegcTrVRVKOmKSHoXSqMWzNNVbFYBn5Q2hQPddYxB7aLwfaJNCvw+VANino40"
+    "agFsigpdBlUiYqjIS4cP730L4/oMhoTb2bLrawC+NkLXnHP4HgZrCxiAFJdX/w0Z/hMRqyBKi2Tf39m6JxVKm6lgeK3cmOkV"
+    "oZWWoFY2NzWN76cHINi6dS/KypalJKfTJprH3D8fwI4zmgBXpQQpgCGPHg1sYIggqr7n4YGd6y9pyGbTP6Jk8uBQnaF2dRFy"
+    "El9jKCE6yjvZBEgM9B0FShYAl747PPb840DHPiAvMmycyqX1ZKRK5jDCJAhCp2obAAVFmOJUdEZV+oxK+yTUFBbQXSBeqWEa"
+    "snmzly4tPLBzZ7darmQPUAKpCAKV3RMg1hyJaODZ3Z7lkAqIIAFXAthUWlpaoMB81UiwJ+wd3p8JG9fGDLkjgmlvb36zuKLq"
+    "U4b5NhEJADpqNfjw/tY9j4V6xlR2lLYFqPOh3QsGIndBy0sqqhtUlYnIjtMvFcjsyOJGRMTwdfbQ82fii9rYCNmQgFmafHHP"
+    "S2trvzg3z/vywXQAAS6Y5vG/QGOf27Hukk1KsomBLUuTyVYA0FVgR36nigCZgf4+oHI58Km/AQqnh8evSQBf+wLwahOQl3+q"
+    "ZaqJSZU5Y8niGuC9vwVcMAd48Rlg0/8LJUbmKXOsJlCaOX50CEGMpxwLl3uK/bm3U1ULY0cQB9AN1tmR7YRVkWaPDk/qESod"
+    "VkWaiHyAELYHEM3IF7LTQ3UTgRRHRiw/x13mT+TjpaLdpeXVt4DoTrE2Q8bEROxf72959RGgMg5sTY9VfVbl4Xzt5+k5/mPm"
+    "9xDzeyb0nisgudUJEcRq/Gx4Wa9Pwm5IJMzyZPIrL6+rPRpnuiPP8PSeQEBEZXmGbiKYm/oDfat5Xe1GJf4GNT7/eHTLzhF6"
+    "DOni+CEaSlIfuSUkvyAb/gqnh8fYhGVO+11yuDxfdCFwy/8C3vleoHol8KE/AG78MyCbmdLuKKDMPTpJ0rRDyMMS5fLoDbP0"
+    "KBHLJNsdIaGF7akKQYfODz25y0NVIUKxEu4MF6Pkq6oS+M/mzq9ckjOqjFXdZrMMVZP7ZolIv7XBfmuDAxP4HYTqYai+paKH"
+    "Qdpztryw1yeTVhvAFz207Z970ra218rfM3Svz2F64owoLHRm3DO/4zH+e9f6S7677TdWFBLcfjYnlwBzkRkzLgBmF4fDa7zw"
+    "pxoem3FBWOa0jzuFJLfmd8IlbzYb6v7EAr++DlhYFRIk81T1hoOgYIIXS2lEP9NyLEWqPaqH+8Jv0IDEJ0SIw45Ueh6Dh4SK"
+    "iBAPl5U60F5+fpAloH9gDUuYPrQ/E5hXJvqNd58ehdL7EagGISnSEk/5/oqKmlnRUnvU+gWZORkC9QEKYiaC3hPn/qWaiV/E"
+    "lpaN9yOryySWXSqx7DLxM0s7W2q35nj1bHhpqTEMv6vdtP216gd+das1BRdbq2t7rdwZWHkl3zAyIugLbDA9Zm6O+fzT5jWV"
+    "8dsbQI4ET7YOMHS9H74MJRrdEny6oBqm1JoxK/p3bskb9XHGrKk0hqhC8wPPzgBwYAJ6p8hlQhdGm7VAoW3t7e29AGBYX9co"
+    "2JXYEMQuAPBymK5qvL1LEgQkiVQWEBtSsaoKeIzXAGDPnvlHS8rbDhBRWZTmpGLCy9uJZW8RIiIF+kjsavF4hSHzfWttvzF8"
+    "UdYG91VWVl6ze/fu7Ghj1N6+ta+kouoAEZdHoq8fOVQfB147a15YbQAnm0BJDKbComSyG8BGABu1vv6zuwq614BxR6Fnavf3"
+    "Z/vn5vlXHUhP+2RjI+5cVV/vITXSqOQI8MRlmgkdO61TJ3STGakvnHJLsAbMJoZsUBm9eXSMgdULLlg8Q4HlUFFiBgTbBliE"
+    "6QUKbAZEHhGghPcAeGiCVmAlwrvDemRUJC0ebY8kvQCofg2gizUMH1tWXFxc2NnZeXQc0iYAWla2rFqYSoAAovRWV2vz9lE/"
+    "AyAr0I90tb/6PIDni8urLzLG3BqSoHlPTz/dBeDDI9J2DSQ/UNBuAl0MVYLqkqhlMw4BMwCdV1693GO6VEQE4L6O1p33IXSz"
+    "OeOlo0E3ltzHLRl+nxIJ3tLVRRSS2wOb62u2lBbGUnmGLzmaFVGVGxX4R6RSFm4DqpOkAzzbMKa7zdTNe9XQD1CYPhBOwrpx"
+    "nkG9AaCxfG8Nk5mjqgEUBJIHAKC+vt7r3LvzdSX8kohJRBVKiZqamli0VB3nhlNaU1MTg+J6EVUiJiV9rnPvztfr6ur8UKqS"
+    "J8MkBJJhNqUmPv1KDOQbHHMgyZLcR6wpZi9FpLcCQGVlpTfiWXiqeiTfpDcCYNTXe52tzZ+xYu8NQ/NsPzNfP6+i+p9C95r6"
+    "IfrAMNEpq6YojFBRAl1cUlI5F4Nbl+ooPwIgBP0Ssfk+e94PlbQxIswzlvy0IXxPd66vXdm8/pJNTWtrH35l3SUPNa+5uEIB"
+    "uh0gSibt6kiya16zJr461dQTAP8nxkxpFQZh/jNrLp9GZ3M6YUeAJ0EKPO0cTEbEChHfOKd8cVUYUVETG/ECUuT/ZmtQEyPC"
+    "FxQqzOyJ2h2zpscfA0CpgbvibxIRqWqGDC8+cCRzS6jPqvFHecYcHbcHjgS3kDGLVDVDBFLoNwGgr6+PAMCIuV/EBkRgECCW"
+    "PhMO4p6Rm5pTdA9SXF69mpkvVGszqgomvRsYMxKEstlsGNYXZrlhH70fE7HPsOE8a22/x+ZPi8ur/yqUSOuiHeQiFx+xPxEr"
+    "/QCEDE8H000hmVX6bx/POh9AUFa2ZD4Rrw6CbEZVhUTvCeuEH5uRk0UH3xMGemiiREk0pD6BtQG8tadnTB3ceOVvj8pkyRwC"
+    "cHWhz2tK8v21WfKuI0DfuWbNsPut6uuzm+vrPUPablUHTsxyfHeqCFDPSLJ5+yzj0fWDUxs3TACYiKZ75N9bWrp4QZT4Mieh"
+    "RBmHUwEAOlgefI+Yl6tolojIkPxl5PDLkS6Hu1pKfizWPsuG4yo2Q+A7isur1kftyohnLUBTpri8aj0Bd6i1GTYcF5FnulrK"
+    "fwyAo6gN09a2cycU9zJ7nlhJk+FrisuqPjMkDG5If5syZWXLZjPha6oixCYmYre2v7H7sajNUfUMnucNS+/V0tLSFzB/UEVe"
+    "Z6a8KL75KyVlVTeF1633omub9vY9+wB8l9kYFZshpi/OK1tyZWRBHjGeW7M1NTUxYfM9IppORKxiez3GD4aR6gCRkB0Sb1Ya"
+    "XnOrPdbETjbl4nzDBKeRuFVKjZCfbb3OjnRFmUj5xkaINjTw8ge27suKPgggeLM/m/EIn33pmppZ6zZuTIeCYhgPTKlUsDqV"
+    "ClRpLRPgEQmBWqo2Ptutbsubk0yAxKMTy1jHTwvxIYxKyUTvhcjwZKvp/qmcFgRoj6h9k4hWqPGeLC2v+v0hyzdZuHBhXnH5"
+    "0lXF5dWPkeGPiNiM8UxcrP1q2xuv/hRvy7GXCmD14yp6mIhjoaBJ9xWXV95RvKB6EQach4HiBdWLissr7yCi+wAQMcdU9DBZ"
+    "fHxIxMXAktEjvVXEdjBTXEXSbPirJRVL7wyJO+xvRUVFfklF9RphSYHoQgCkqgEIn8TwbNbHggAwb+7b0W5Uf1NVu4nYiEhA"
+    "hv+ttGLJtWEfB0iQ+7z0X1sJdhCZmAL5zObnpeXVt8xdWFOS619lZWW8uHzpqoNHgi1h7LDNMhsPiltbWna1jq431EMAREUE"
+    "RO8rLV12aWVlpV9RUZE/3v0kkAgfstIhjyC9gRUP9L6may++9CNr7vGfSlyRP1QKnGj5ZFNTSJQqfycKL1Ahj7HI82P/1Xxd"
+    "bX3zmsp4I8K44e3vW1788vraz3uEPz8aSHqabxjQuwnQLfVvk3QdAR5/bQP0doeJBzQyMtgowUFfb3iOzZlDgk9GoayeFxKe"
+    "8YA9rwCv7QDi+VMTM0xECjpISn8eppiiCrD5Dgy/WFJR9WRxefWWtI1tJ9LNzFwPVbAxMWvt33a07vrLUV5WAcAdHbteCay8"
+    "TxUdzMYH4DN7XyDR7cUV1c+VVFQ9VlxRvZVEtzN7XwjPG18VHdbqde3tzTswPCu0AKCIIN6vqu3MHA+TOdAtyt6LJRXVvyip"
+    "qNocaMF2InqYiC6KcrpnoPZ3owwuIxOiDiYcoFGNFRao91pbd72gqr9LBANAVVUV3n/MLauqzUnHAHB47963kKV1UG1iNh4R"
+    "FYH5TrbZF0sqqp8uqaja3N1PLxDpZiK+MnwExlcb3NbRuuvbb+9fbiMlShEzqyILoFhYnuzu5+0BCp4qLa2ePZbyeEsuawsh"
+    "lWeYA2hWgGI15kkxRdtn9vQ/tfO6utnRQNBEy1+fTNrN9fXe8o3bn+ix9rPTfc+3AAxRrShtyXLR9pfXrdzy8rqVTxlrXixg"
+    "/lsB/DlxL34wbR+WwuzXtQG8KpWyjvZOBgGqAiYKg3vgrpBQPG+QXB64Kzxn+PR/cERC/79n/wu4+x+AzpaQnLc9CXyzYdA6"
+    "PEVWEFLM7Ggt/Q8R/RxA3SCAjSlm4/+a53n1bLwq5vBDrdCnIbqms6X5CxgMQ9NRJaf2XY8j4CtU5W4l6gMAZq/IGO9SY/zV"
+    "xniXMntFERH3qsjdCNJX7G9vfmJ0KShst6Ol+ZcIMleK6AYAGvV3Ohvvncb4q9jzKok4ZCnBJrLBuzpad987CvlBVTwi5igb"
+    "y7QoGcIIhFJeZ+uuB0WDTzEbH0QeM880zFvmVSy9eMgYcGdn82u93f3vUpWvq2oPCDDszWHjXWGMv8oYf+nAeKo+ZYPgmihX"
+    "4ijZqkMrabaP7rZB9gljTJyZYYzJM8avJuZaa7NjftVXpVJhIoK3+u7enw6emBvz40W+wQzf5M2Lx6rzPK7N9KbN8ZTfkkrJ"
+    "hgTMxQ+98L8PZe0NBtjlE6HIY8yJe9XFebH64njsytkxfy4TYAiHD2WDr9rC9G8uTzZlXEjcKCqYEyaW/CIg9UCYxPTKa8Lj"
+    "T/8ceOaxkHREpszBeFwdpAiQPw1I/SzcYS6vADj0JuD5g3sOT13PbEXFq9NbWlr+rnhB9Y9Z8F4F6gRYAIUh4CAIrxDjsY59"
+    "zU9G1Y6VWt6GkuArewF8bG7Fki+x+qstSy1ZqQAoD6T9StzCQtss28f2twxsEDRefG/U7ut7AXy4uGLZcqhcA8VKUZ0XSS/7"
+    "AXqJmf+rfd+OrWP0VwAgz8vbmraZq0Jy1mDJ4iVHWlpaRnlgoX6zs+XVr88rW/I8kckXyloiL+5ZzQwprwD48OG9bx0+jE8V"
+    "L6j+e6heoyp1CpSTwkNuPAmPdbQ0P3GMe1YAdODAzu7Kysqre/rs9SDUQXUawH0KbYnFskfGUnTnIi4ufGpnd/OayquPBNOu"
+    "B1CXtjLtKNu+rEpLT2/RkVzZnCQ4kfKNgCAZWoWpcdv/fe66uvtnil6bFvtuK7pYCQUApT3QG2R0K2WyP1/685ffyF3Dkd/J"
+    "JkAgdCYuLAKefQx4dvPgvCgsmqIl5SgxvKoAmdH7WlAUSnzdh0MShJ4WxwBmVgAm2kXtu9FvLEx0X43c5kbY3/LqbgC7J7gC"
+    "kIm229my4yUALx1D2UAYfcc17Nv34iEAuYmC9jd2Heu6FOUDHO8rN2CQicbz28e4n2ONpwKg3bt3pwHcHf0mpeRVgGjjxOpP"
+    "unwjZEMiYd6RTPYCuC/6jX4jbmvMEyVAOvbA5ZaYI48dr7Q2GfJL90ZheXbQ2GFMKJGO1dfccn0ymWqYTsUEilLP5/ROqSH+"
+    "avUU/d9iciFaQ6y+uey/I9sFIqunHH+7qaExxLn+jpswdAhB8ogxONbkMKP0RUcpZwf7N0+HJDk9nvHM1TODYzgwdsFESTAy"
+    "OmDVvHma0/etHiUSY7Llr49y/uUcoPfPm6eJmqQmm0Bzu8J+bkmlZJLbNzgCHIa8LCHtTUxKnAjhTUZam4jkmZcPNL8I/HIL"
+    "cNmqnGgFdLwBPP5guDwfq1+TkfqIgED8U6WhHD2+NnUy2pUzsF3F5GNu7Wm6bx1OdpNrgwCdTNjZcZUfleBScDhBAlQoAdf3"
+    "gXpawTz9hDdFOh5pbUJ34AM/+GqYf3DpSmB/e7h3cG834MdOfHkb7orTD6YWAEBNjVtKODicywRIgGrD7UyNyT79k3VvgPlC"
+    "wB5/IgmZjLQ2iWvkEhuIAD/5XpR+y4bZqE8G+QEKJoKVo6CiNwAAjY163G3lJJmxE3Y6ODhMIcYxz27hiA03h/ajk6ADy0lr"
+    "P7sLaH4BeHIj8I+fDaU1Y46PsHIpiwunhUaNwmnhdU6KYUMFnlEQPYu5Nb3a0MDHq0xWIZ+YDTEbqM4c3f3DwcHhjFgCo3GV"
+    "hJmI9T+RDe4A4cQ8micrrY1GYGOSmg4mXj2ZC1QFwERQbKDGRtGGgQiEybYCJbtfBZtVLQDq7uvry7rp5+BwhhIgoVG0oYGB"
+    "xt14c+3jiPmrkMna47NYjCKtDeTsGMMNxY8NN2CohJLd1IWsKQwT0tk3YeRBBQiNx+VFLwCwv23XNgBXjUWQDg4OZ9QSGEBT"
+    "E1EjBEJ34KSlC8rF4spgTO5w5g0lw1eeH9ynQ2xInK/vBA4fjFxYTjFvqFrEfYbq1+lfNu7HhgSfoC9Vzv2Dcd5l4XFwODNx"
+    "TFLTRMJQMmn1k2s3ID+WQF8mAJF36npEg5LfTbcCl0dC0+s7ge/cARzsOlkGjvHIT+AbgtXXkCm4FKU13WhsdGFEDg7nHQEC"
+    "hIYGQsvTM1HgPwfDi5AJLIhOXZaDXJbmIAtUXhzuM7z7pTBrSyzv1G61qZBQRmNCIFfSNx56RhsamBob3YbSDg7n1RIYg/GK"
+    "9G8/P4i0XA/RQ/A9A8Wp21dAo93mYnlA83Zg+y9C38FTTX5QCwbB9xiB/UP6xkPPaCJhHPk5OJynEuDblsJ/vOYy+N79MFyK"
+    "dBAAyqBTmPgvl0jh1MYVKxQWvvEABMgGn6RvPPyv2lDvUaPbQMbB4bwnwGEk+Imry1AY+x5i/rUILBBYG/kJMgiEM39zmZzP"
+    "jISRpmwQ94FM0Iy0/QR9++EnHfk5ODgCHJMEAUA/vf4TAP4CnrkojJe1oT+eyJm9ZCRiMAGeAZiATNAJxrfQl76TvvPo4aH3"
+    "6ODg4AhwOAlqKOeFIXOJGN5Kr4HYDwK4Cqpz4JmCM5j8gEzWgvggiJ4G4Sc4Sg/Rv/2sEwCcwcPBwRHgpKVBANA/T+SDMnOQ"
+    "zVbiTF085nlAf9ABm2mj7zx6eKDvGxIG17u8aQ4ODpMhQYA0kTCaSJizru8NDawN9d6QnQMdHBycBHj8ZIgGEJoSZzah1NSo"
+    "c2x2cHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHA4J/H/ASqHsGm4rMoWAAAAAElFTkSuQmCC"
 )
 
 if __name__ == "__main__":

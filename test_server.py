@@ -13,6 +13,8 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -1153,18 +1155,25 @@ def random_weight_config(tmp: Path, tokenizer: Path, name: str = "english_2m_202
     return path
 
 
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, tokenizer_path, reference):
+    """The real TTSModel (random weights) behind the real bootstrap, served by waitress."""
+    tmp = tmp_path_factory.mktemp("real")
+    config = random_weight_config(tmp, tokenizer_path)
+    settings = srv.Settings(
+        model_path=str(config),
+        default_voice=str(reference),
+        voices_dir=str(tmp / "voices"),
+        cache_dir=str(tmp / "cache"),
+    )
+    server = srv.build_server(settings)  # the real loading path, from a local config
+    live = LiveServer(server.app, threads=4)
+    yield SimpleNamespace(server=server, url=live.url, model=server.engine.model)
+    live.close()
+
+
 class TestRealModel:
     """End to end on pocket-tts's TTSModel: HTTP, streaming, cloning, the OpenAI SDK."""
-
-    @pytest.fixture(scope="class")
-    def real(self, tmp_path_factory, tokenizer_path, reference):
-        tmp = tmp_path_factory.mktemp("real")
-        config = random_weight_config(tmp, tokenizer_path)
-        settings = srv.Settings(model_path=str(config), default_voice=str(reference))
-        server = srv.build_server(settings)  # the real loading path, from a local config
-        live = LiveServer(server.app, threads=4)
-        yield SimpleNamespace(server=server, url=live.url, model=server.engine.model)
-        live.close()
 
     @staticmethod
     def library_seconds(model, text: str) -> float:
@@ -1272,3 +1281,159 @@ class TestRealModel:
             assert response.headers["content-type"] == "audio/mpeg"
             data = b"".join(response.iter_bytes())
         assert abs(duration(data) - want) < CODEC_SLACK["mp3"] + 0.03
+
+
+# =================================================================================================
+# The page at /, in a real browser (Debian chromium driven by playwright) on the real model
+# =================================================================================================
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url: str, **context):
+    page = browser.new_page(accept_downloads=True, **context)
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.goto(url + "/")
+    page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    return page
+
+
+def generate_in_page(page, text: str, fmt: str):
+    count = page.locator("#results audio").count()
+    page.fill("#text", text)
+    page.select_option("#format", fmt)
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#results audio').length > {count}")
+    return page.locator("#results li").first
+
+
+class TestBrowserPage:
+    @pytest.fixture
+    def page(self, browser, real):
+        page = open_page(browser, real.url)
+        yield page
+        assert page.errors == []
+        page.close()
+
+    def test_loads_with_logo_voices_and_default(self, page):
+        assert page.evaluate("document.querySelector('header img').naturalWidth") > 0
+        assert page.get_attribute("link[rel=icon]", "href") == "/pocket-tts-logo.png"
+        groups = page.eval_on_selector_all("#voice optgroup", "gs => gs.map(g => g.label)")
+        assert "OpenAI names" in groups
+        selected = page.eval_on_selector("#voice", "s => s.options[s.selectedIndex].text")
+        assert selected == "ref (default)"
+        assert "cpu" in page.inner_text("#status")
+        assert page.inner_text("#counter").endswith("/ 4,096 characters")
+
+    @pytest.mark.parametrize("fmt", ["mp3", "wav"])
+    def test_prompt_generates_playable_audio(self, page, fmt):
+        page.click("[data-prompt=greeting]")
+        result = generate_in_page(page, page.input_value("#text"), fmt)
+        duration = page.evaluate(
+            """() => new Promise((resolve) => {
+                 const audio = document.querySelector('#results audio');
+                 if (audio.readyState >= 1) resolve(audio.duration);
+                 audio.addEventListener('loadedmetadata', () => resolve(audio.duration));
+               })"""
+        )
+        assert 5 < duration < 60
+        assert re.match(
+            r"first audio \d+ ms · [\d.]+ s of audio · [\d.]+× real time",
+            page.inner_text("#metrics"),
+        )
+        assert fmt.upper() in result.inner_text()
+
+    def test_uploaded_reference_becomes_a_voice_and_can_be_removed(self, page, real, tmp_path):
+        ref = write_audio(tmp_path / "Browser Voice.flac", tone(230, 3.0, 48000), 48000)
+        page.set_input_files("#clone-file", str(ref))
+        assert page.input_value("#clone-name") == "Browser Voice"
+        page.click("#clone-add")
+        page.wait_for_function("document.querySelector('#voice').value === 'Browser Voice'")
+        result = generate_in_page(page, "Hello world.", "wav")
+        assert "Browser Voice" in result.inner_text()
+        page.click("button[aria-label='Remove voice Browser Voice']")
+        page.wait_for_function(
+            "![...document.querySelectorAll('#voice option')]"
+            ".some(o => o.value === 'Browser Voice')"
+        )
+        assert not (Path(real.server.voices.voices_dir) / "Browser Voice.flac").exists()
+
+    def test_download_with_and_without_a_save_dialog(self, page, real):
+        generate_in_page(page, "Hello world.", "wav")
+        want = TestRealModel.library_seconds(real.model, "Hello world.")
+        page.evaluate("window.showSaveFilePicker = undefined")  # browsers without the API
+        with page.expect_download() as info:
+            page.click("#results li button:has-text('Download')")
+        download = info.value
+        assert re.fullmatch(r"pocket-tts-ref-[\d-]+\.wav", download.suggested_filename)
+        assert abs(duration(Path(download.path()).read_bytes()) - want) < 1e-3
+        page.evaluate(
+            """window.showSaveFilePicker = async (options) => ({
+                 createWritable: async () => ({
+                   write: async (blob) => { window.saved = {name: options.suggestedName,
+                                                           size: blob.size}; },
+                   close: async () => {},
+                 }),
+               })"""
+        )
+        page.click("#results li button:has-text('Download')")
+        page.wait_for_function("window.saved !== undefined")
+        saved = page.evaluate("window.saved")
+        assert saved["name"].endswith(".wav") and saved["size"] == round(want * SR) * 2 + 44
+
+    def test_api_error_is_shown(self, page, real, tmp_path):
+        write_audio(Path(real.server.voices.voices_dir) / "Doomed.wav", tone(240, 2.0))
+        page.reload()
+        page.wait_for_function(
+            "[...document.querySelectorAll('#voice option')].some(o => o.value === 'Doomed')"
+        )
+        page.select_option("#voice", "Doomed")
+        (Path(real.server.voices.voices_dir) / "Doomed.wav").unlink()  # behind the page's back
+        page.fill("#text", "Hello world.")
+        page.click("#generate")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "'Doomed' is not available" in page.inner_text("#error")
+
+    def test_stop_button_and_keyboard_shortcut(self, page):
+        page.click("[data-prompt=long]")
+        page.focus("#text")
+        page.keyboard.press("Control+Enter")
+        page.wait_for_function("document.querySelector('#generate').textContent === 'Stop'")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#metrics').textContent === 'stopped'")
+        assert page.inner_text("#generate") == "Generate"
+
+    def test_api_key_is_asked_once_and_kept(self, browser, stub):
+        live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.wait_for_selector("#key-form:not([hidden])")
+            page.fill("#api-key", "s3cret")
+            page.click("#key-form button")
+            page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+            assert page.evaluate("localStorage.getItem('pocket-tts-api-key')") == "s3cret"
+            page.reload()
+            page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+            assert page.is_hidden("#key-form")
+            page.close()
+        finally:
+            live.close()
