@@ -35,8 +35,9 @@ import os
 import re
 import sys
 import threading
+import time
 import unicodedata
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -75,8 +76,15 @@ class Settings:
     quantize: bool = False
     api_key: str | None = None
     max_input_chars: int = 4096
+    workers: int = 0  # 0: one per two CPU cores
+    max_queue: int = 16
+    queue_timeout: float = 60.0
+    request_timeout: float = 600.0
+    max_body_kb: int = 1024
+    max_upload_mb: int = 25
+    max_reference_seconds: float = 30.0
+    voice_cache_size: int = 32
     log_level: str = "info"
-    threads: int = 8
 
 
 FLAG_HELP = {
@@ -95,8 +103,15 @@ FLAG_HELP = {
     "quantize": "apply pocket-tts dynamic int8 quantization (faster on CPU)",
     "api_key": "require `Authorization: Bearer <key>` on the API (health and page stay open)",
     "max_input_chars": "longest accepted `input`, in characters",
+    "workers": "syntheses that run at once (0: one per two CPU cores; each uses ~2 threads)",
+    "max_queue": "requests that may wait for a worker; more get 429 with Retry-After",
+    "queue_timeout": "seconds a request may wait for a worker before a 503",
+    "request_timeout": "seconds one synthesis may run before it is stopped",
+    "max_body_kb": "largest JSON request body, in KiB",
+    "max_upload_mb": "largest voice upload, in MiB",
+    "max_reference_seconds": "seconds of a reference recording used for cloning",
+    "voice_cache_size": "voice states kept in memory (LRU)",
     "log_level": "logging level",
-    "threads": "HTTP worker threads (waitress)",
 }
 FLAG_CHOICES = {
     "device": ("auto", "cpu", "cuda"),
@@ -120,12 +135,13 @@ def build_arg_parser(environ: dict[str, str]) -> argparse.ArgumentParser:
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         env_value = environ.get(f"POCKET_TTS_{f.name.upper()}")
         kwargs: dict[str, Any] = {"dest": f.name, "help": FLAG_HELP[f.name]}
+        kind = {"int": int, "float": float}.get(str(f.type), str)
         if f.type in ("bool", bool):
             default = parse_bool(env_value) if env_value is not None else f.default
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         else:
             kwargs.update(
-                type=int if f.type in ("int", int) else str,
+                type=kind,
                 default=env_value if env_value is not None else f.default,
                 choices=FLAG_CHOICES.get(f.name),
             )
@@ -141,8 +157,15 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser = build_arg_parser(environ)
     args = parser.parse_args(argv)
     settings = Settings(**vars(args))
-    if settings.max_input_chars < 1:
-        parser.error("--max_input_chars must be at least 1")
+    positive = ("max_input_chars", "max_body_kb", "max_upload_mb", "max_reference_seconds",
+                "queue_timeout", "request_timeout", "voice_cache_size")  # fmt: skip
+    for name in positive:
+        if getattr(settings, name) <= 0:
+            parser.error(f"--{name} must be positive")
+    if settings.workers < 0 or settings.max_queue < 0:
+        parser.error("--workers and --max_queue cannot be negative")
+    if settings.workers == 0:
+        settings.workers = max(1, (os.cpu_count() or 2) // 2)
     return settings
 
 
@@ -497,7 +520,6 @@ STATE_EXTENSION = ".safetensors"  # a voice state exported by `pocket-tts export
 MAX_REFERENCE_SECONDS = 30.0  # pocket-tts's own truncation length for voice prompts
 MIN_REFERENCE_SECONDS = 0.5
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
-MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
 
@@ -658,7 +680,10 @@ class VoiceCatalog:
             return VoiceSource("builtin", key.lower(), key.lower())
         custom = self.custom_voice(key)
         if custom is not None:
-            return VoiceSource("file", str(check_voice_path(custom)), custom.stem)
+            path = check_voice_path(custom)
+            if not path.is_relative_to(self.voices_dir.resolve()):
+                raise VoiceError(f"voice {key!r} links outside the voices folder.")
+            return VoiceSource("file", str(path), custom.stem)
         if allow_paths and key.startswith(("http://", "https://")):
             if not self.allow_remote:
                 raise VoiceError(
@@ -790,21 +815,109 @@ FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off 
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
 
 
-class Engine:
-    """The only owner of the model: voice states and audio generation, one generation at a time.
+class Busy(Exception):
+    """No worker for this request: the queue is full (429) or the wait timed out (503)."""
 
-    `generate` yields float32 mono numpy chunks at `sample_rate` as the model produces them and
-    stops early once `stop` is set. Later scheduling (queues, batching) replaces this class only.
+    def __init__(self, status: int, message: str, retry_after: int):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited or was being served."""
+
+
+class Engine:
+    """The only owner of the model: voice states, and audio generation on a pool of workers.
+
+    A request first takes a worker (`acquire`): at most `workers` syntheses run at once, at most
+    `max_queue` requests wait, and the rest are told to retry (Busy). `generate` then yields
+    float32 mono numpy chunks at `sample_rate` as the model produces them, and stops early once
+    `stop` is set. Each generation has its own copy of the voice state, so concurrent ones share
+    only the (stateless) weights.
     """
 
-    def __init__(self, model, cache: LatentCache | None = None):
+    def __init__(
+        self,
+        model,
+        cache: LatentCache | None = None,
+        workers: int = 1,
+        max_queue: int = 16,
+        queue_timeout: float = 60.0,
+        max_reference_seconds: float = MAX_REFERENCE_SECONDS,
+    ):
         self.model = model
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.cache = cache or LatentCache(None)
-        self._model_lock = threading.Lock()  # one generation (or voice encoding) at a time
-        self._hashes: dict[tuple, str] = {}  # (path, mtime, size) -> content hash
+        self.workers, self.max_queue, self.queue_timeout = workers, max_queue, queue_timeout
+        self.max_reference_seconds = max_reference_seconds
+        self._slots = threading.Semaphore(workers)
+        self._counts = threading.Lock()
+        self.waiting = self.active = 0
+        self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
+        self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
+
+    # -- scheduling -------------------------------------------------------------------------------
+
+    def acquire(self, cancelled=None):
+        """Wait in the bounded queue for a free worker; return the (idempotent) release function."""
+        with self._counts:
+            if self.waiting >= self.max_queue and self.active >= self.workers:
+                message = "The server is busy: too many requests are queued. Retry later."
+                raise Busy(429, message, self.retry_after())
+            self.waiting += 1
+        deadline = time.monotonic() + self.queue_timeout
+        try:
+            while not self._slots.acquire(timeout=0.05):
+                if cancelled is not None and cancelled():
+                    raise ClientGone
+                if time.monotonic() > deadline:
+                    raise Busy(503, "No worker became free in time.", self.retry_after())
+        finally:
+            with self._counts:
+                self.waiting -= 1
+        with self._counts:
+            self.active += 1
+        released = threading.Event()
+
+        def release():
+            with self._counts:
+                if released.is_set():
+                    return
+                released.set()
+                self.active -= 1
+            self._slots.release()
+
+        return release
+
+    @contextlib.contextmanager
+    def worker(self, cancelled=None):
+        """Hold a worker for a block of model work (voice encoding)."""
+        release = self.acquire(cancelled)
+        try:
+            yield
+        finally:
+            release()
+
+    def retry_after(self) -> int:
+        """Seconds until a queued request can expect a worker, from recent job durations."""
+        walls = [wall for _, wall in list(self._recent)] or [5.0]
+        per_job = sum(walls) / len(walls)
+        return max(1, min(120, math.ceil(per_job * (self.waiting + 1) / self.workers)))
+
+    def stats(self) -> dict[str, Any]:
+        """Queue and throughput numbers for /health."""
+        recent = list(self._recent)
+        audio, wall = sum(a for a, _ in recent), sum(w for _, w in recent)
+        return {
+            "workers": self.workers,
+            "active_streams": self.active,
+            "queue_depth": self.waiting,
+            "max_queue": self.max_queue,
+            "recent_rtf": round(audio / wall, 2) if wall > 0 else None,
+        }
 
     # -- voices -----------------------------------------------------------------------------------
 
@@ -814,7 +927,7 @@ class Engine:
             key = f"builtin-{source.ref}"
             state = self.cache.get(key)
             if state is None:
-                with self._model_lock:
+                with self.worker():
                     state = self.model.get_state_for_audio_prompt(source.ref)
                 self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
             return state
@@ -835,6 +948,8 @@ class Engine:
         if stamp not in self._hashes:
             with open(source.ref, "rb") as f:
                 self._hashes[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
+            while len(self._hashes) > 1024:
+                self._hashes.popitem(last=False)
         return self._hashes[stamp]
 
     def _load_cached(self, key: str):
@@ -867,8 +982,8 @@ class Engine:
             )
         if data is None:
             data = Path(source.ref).read_bytes()
-        audio = decode_reference(data, self.sample_rate)
-        with self._model_lock:
+        audio = decode_reference(data, self.sample_rate, self.max_reference_seconds)
+        with self.worker():
             return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
 
     def forget_voice(self, source: VoiceSource):
@@ -902,12 +1017,21 @@ class Engine:
     # -- audio ------------------------------------------------------------------------------------
 
     def generate(self, text: str, voice_state, stop: threading.Event) -> Iterator[np.ndarray]:
-        """Audio for `text` in `voice_state`, chunk by chunk, until done or `stop` is set."""
-        with self._model_lock:
+        """Audio for `text` in `voice_state`, chunk by chunk, until done or `stop` is set.
+
+        The caller holds a worker (acquire) for as long as it iterates.
+        """
+        started, samples = time.monotonic(), 0
+        try:
             for sentence in self.split(text):
                 if stop.is_set():
                     return
-                yield from self._generate_sentence(sentence, voice_state, stop)
+                for audio in self._generate_sentence(sentence, voice_state, stop):
+                    samples += audio.size
+                    yield audio
+        finally:
+            if samples:
+                self._recent.append((samples / self.sample_rate, time.monotonic() - started))
 
     def _generate_sentence(self, sentence: str, voice_state, stop) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks."""
@@ -1118,7 +1242,7 @@ class AudioEncoder:
 # HTTP API
 # =================================================================================================
 
-OPEN_PATHS = ("/", "/health", "/pocket-tts-logo.png", "/favicon.ico")
+OPEN_PATHS = ("/", "/health", "/openapi.json", "/pocket-tts-logo.png", "/favicon.ico")
 
 
 class ApiError(Exception):
@@ -1179,7 +1303,7 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         if body.get(name) is not None and not isinstance(body[name], str):
             raise invalid(name, f"'{name}' must be a string.", "invalid_type")
     fmt = body.get("response_format") or "mp3"
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise invalid(
             "response_format",
             f"'response_format' must be one of {', '.join(FORMATS)}; got {fmt!r}.",
@@ -1197,7 +1321,7 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         if not isinstance(value, bool):
             raise invalid(name, f"'{name}' must be true or false.", "invalid_type")
     stream_format = body.get("stream_format") or "audio"
-    if stream_format not in ("audio", "sse"):
+    if not isinstance(stream_format, str) or stream_format not in ("audio", "sse"):
         raise invalid("stream_format", "'stream_format' must be 'audio' or 'sse'.")
     return SpeechRequest(
         input=text,
@@ -1208,6 +1332,111 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         stream_format=stream_format,
         normalize=normalize,
     )
+
+
+def openapi_spec(settings: Settings) -> dict[str, Any]:
+    """An OpenAPI 3 description of the API (for client generators and schema-driven fuzzers)."""
+    error = {
+        "description": "OpenAI error object",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type", "param", "code"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": ["string", "null"]},
+                                "code": {"type": ["string", "null"]},
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+    json_ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
+    speech = {
+        "type": "object",
+        "required": ["input"],
+        "properties": {
+            "model": {"type": "string"},
+            "input": {"type": "string", "minLength": 1, "maxLength": settings.max_input_chars},
+            "voice": {"type": "string"},
+            "response_format": {"enum": list(FORMATS)},
+            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
+            "stream": {"type": "boolean"},
+            "stream_format": {"enum": ["audio", "sse"]},
+            "instructions": {"type": "string"},
+            "normalize": {"type": "boolean"},
+        },
+    }
+    audio = {f.content_type: {} for f in FORMATS.values()} | {"text/event-stream": {}}
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    upload = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "file": {"type": "string", "format": "binary"},
+                },
+            }
+        }
+    }
+    errors = {code: error for code in ("400", "401", "404", "409", "413", "429", "503")}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": SERVER_NAME, "version": "1.0"},
+        "paths": {
+            "/v1/audio/speech": {"post": {
+                "requestBody": {"content": {"application/json": {"schema": speech}}},
+                "responses": {"200": {"description": "audio", "content": audio}, **errors}}},
+            "/v1/voices": {
+                "get": {"responses": json_ok},
+                "post": {"requestBody": {"content": upload},
+                         "responses": {"201": json_ok["200"], **errors}}},
+            "/v1/voices/{name}": {
+                "get": {"parameters": name, "responses": {**json_ok, **errors}},
+                "delete": {"parameters": name, "responses": {**json_ok, **errors}}},
+            "/v1/audio/voices": {"get": {"responses": json_ok}},
+            "/v1/models": {"get": {"responses": json_ok}},
+            "/v1/audio/models": {"get": {"responses": json_ok}},
+            "/health": {"get": {"responses": json_ok}},
+        },
+    }  # fmt: skip
+
+
+class ClosingStream:
+    """A streamed response body that runs `on_close` once, however it ends (done, error, hang-up).
+
+    A generator's own `finally` does not run if the server closes it before the first chunk, so
+    the worker a stream holds is released here instead.
+    """
+
+    def __init__(self, chunks: Iterator, on_close):
+        self.chunks, self.on_close = chunks, on_close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        try:
+            self.chunks.close()
+        finally:
+            self.on_close()
 
 
 class SpeechServer:
@@ -1223,13 +1452,15 @@ class SpeechServer:
 
     def create_app(self) -> Flask:
         app = Flask(SERVER_NAME)
-        app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES + 64 * 1024  # multipart overhead
+        max_body = max(self.settings.max_upload_mb * 1024, self.settings.max_body_kb)
+        app.config["MAX_CONTENT_LENGTH"] = max_body * 1024 + 64 * 1024  # multipart overhead
         app.json.sort_keys = False
         routes = [
             ("/", self.page, ["GET"]),
             ("/pocket-tts-logo.png", self.logo, ["GET"]),
             ("/favicon.ico", self.logo, ["GET"]),
             ("/health", self.health, ["GET"]),
+            ("/openapi.json", self.openapi, ["GET"]),
             ("/v1/models", self.models, ["GET"]),
             ("/v1/audio/models", self.audio_models, ["GET"]),
             ("/v1/voices", self.list_voices, ["GET"]),
@@ -1243,6 +1474,8 @@ class SpeechServer:
             app.add_url_rule(rule, view.__name__ + rule, view, methods=methods)
         app.before_request(self.check_api_key)
         app.register_error_handler(ApiError, lambda e: e.response())
+        app.register_error_handler(Busy, self.busy)
+        app.register_error_handler(ClientGone, self.client_gone)
         app.register_error_handler(HTTPException, self.http_error)
         app.register_error_handler(Exception, self.internal_error)
         return app
@@ -1262,17 +1495,34 @@ class SpeechServer:
             code="invalid_api_key",
         )
 
-    @staticmethod
-    def http_error(exc: HTTPException):
-        messages = {404: f"Unknown URL: {request.method} {request.path}."}
-        message = messages.get(exc.code, exc.description or exc.name)
-        if exc.code == 405:
+    def http_error(self, exc: HTTPException):
+        """Werkzeug's HTTP errors (404, 405, 413...) as OpenAI error objects."""
+        message, param = exc.description or exc.name, None
+        if exc.code == 404:
+            message = f"Unknown URL: {request.method} {request.path}."
+        elif exc.code == 405:
             message = f"Method {request.method} is not allowed on {request.path}."
-        resp = ApiError(exc.code or 500, message, code=exc.name.lower().replace(" ", "_"))
-        resp = resp.response()
+        elif exc.code == 413:
+            upload = request.path == "/v1/voices"
+            limit = f"{self.settings.max_upload_mb} MiB" if upload else "the server's limit"
+            message, param = f"The request body is larger than {limit}.", "file" if upload else None
+        code = exc.name.lower().replace(" ", "_")
+        resp = ApiError(exc.code or 500, message, param, code).response()
         if exc.code == 405:
             resp.headers["Allow"] = ", ".join(exc.valid_methods or [])
         return resp
+
+    @staticmethod
+    def busy(exc: Busy):
+        code = "rate_limit_exceeded" if exc.status == 429 else "server_busy"
+        resp = ApiError(exc.status, str(exc), code=code, kind="server_busy").response()
+        resp.headers["Retry-After"] = str(exc.retry_after)
+        return resp
+
+    @staticmethod
+    def client_gone(exc: ClientGone):
+        logger.info("client hung up: %s %s", request.method, request.path)
+        return ApiError(400, "The client closed the request.", code="client_closed").response()
 
     @staticmethod
     def internal_error(exc: Exception):
@@ -1291,7 +1541,11 @@ class SpeechServer:
             default_voice=self.voices.default.name,
             max_input_chars=self.settings.max_input_chars,
             auth=bool(self.settings.api_key),
+            **self.engine.stats(),
         )
+
+    def openapi(self):
+        return jsonify(openapi_spec(self.settings))
 
     def models(self):
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "kyutai"} for m in MODEL_IDS]
@@ -1314,11 +1568,13 @@ class SpeechServer:
     # -- speech -----------------------------------------------------------------------------------
 
     def speech(self):
+        if (request.content_length or 0) > self.settings.max_body_kb * 1024:
+            message = f"The request body exceeds {self.settings.max_body_kb} KiB."
+            raise ApiError(413, message, code="request_too_large")
         body = request.get_json(force=True, silent=True)
         if body is None:
-            raise ApiError(
-                400, "We could not parse the JSON body of your request.", None, "invalid_json"
-            )
+            message = "We could not parse the JSON body of your request."
+            raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
         text = normalize_text(req.input, self.language) if req.normalize else req.input
         voice_state = self.load_voice(req.voice)
@@ -1327,14 +1583,22 @@ class SpeechServer:
             "Cache-Control": "no-store",
             "Content-Disposition": f'inline; filename="speech.{fmt.name}"',
         }
+        gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
+        release = self.engine.acquire(cancelled=gone)
+        try:
+            chunks = self.audio_chunks(text, voice_state, req, gone)
+            if not req.stream:
+                return Response(b"".join(chunks), content_type=fmt.content_type, headers=headers)
+        finally:
+            if not req.stream:
+                release()
         if req.stream_format == "sse":
-            events = self.sse_events(text, voice_state, req)
+            events = ClosingStream(self.sse_events(text, voice_state, req, gone), release)
             return Response(events, mimetype="text/event-stream", headers=headers)
-        chunks = self.audio_chunks(text, voice_state, req)
-        if req.stream:
-            headers["X-Accel-Buffering"] = "no"
-            return Response(chunks, content_type=fmt.content_type, headers=headers)
-        return Response(b"".join(chunks), content_type=fmt.content_type, headers=headers)
+        headers["X-Accel-Buffering"] = "no"
+        return Response(
+            ClosingStream(chunks, release), content_type=fmt.content_type, headers=headers
+        )
 
     def load_voice(self, name: str | None):
         """Resolve and encode the requested voice; client mistakes become a 400 on `voice`."""
@@ -1349,15 +1613,21 @@ class SpeechServer:
                 return self.engine.voice_state(self.voices.default)
             raise
 
-    def audio_chunks(self, text: str, voice_state, req: SpeechRequest, usage=None):
+    def audio_chunks(self, text: str, voice_state, req: SpeechRequest, gone, usage=None):
         """Encoded bytes of the response as they are produced; stops generation when closed."""
         stop = threading.Event()
         audio = self.engine.generate(text, voice_state, stop)
         encoder = AudioEncoder(
             FORMATS[req.response_format], self.engine.sample_rate, req.speed, req.stream
         )
+        deadline = time.monotonic() + self.settings.request_timeout
         try:
             for samples in audio:
+                if gone():
+                    raise ClientGone
+                if time.monotonic() > deadline:
+                    logger.warning("synthesis stopped after --request_timeout")
+                    break
                 data = encoder.encode(samples)
                 if data:
                     yield data
@@ -1373,10 +1643,10 @@ class SpeechServer:
                 usage["samples"] = encoder.samples_in
         yield encoder.finish()
 
-    def sse_events(self, text: str, voice_state, req: SpeechRequest) -> Iterator[str]:
+    def sse_events(self, text: str, voice_state, req: SpeechRequest, gone) -> Iterator[str]:
         """OpenAI's speech SSE stream: audio deltas, then a done event with usage, then [DONE]."""
         usage: dict[str, int] = {}
-        for data in self.audio_chunks(text, voice_state, req, usage):
+        for data in self.audio_chunks(text, voice_state, req, gone, usage):
             if data:
                 delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
                 yield f"data: {json.dumps(delta)}\n\n"
@@ -1441,9 +1711,11 @@ class SpeechServer:
             )
         if self.voices.kind_of(name) is not None:
             raise ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
-        data = upload.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ApiError(413, "'file' is larger than 25 MB.", "file", "file_too_large")
+        limit = self.settings.max_upload_mb * 1024 * 1024
+        data = upload.read(limit + 1)
+        if len(data) > limit:
+            message = f"'file' is larger than {self.settings.max_upload_mb} MiB."
+            raise ApiError(413, message, "file", "file_too_large")
         folder = self.voices.voices_dir
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{name}{suffix}"
@@ -1507,7 +1779,14 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
     model = load_model(settings) if model is None else model
     cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
     fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
-    engine = Engine(model, LatentCache(cache_root / "latents" / fingerprint))
+    engine = Engine(
+        model,
+        LatentCache(cache_root / "latents" / fingerprint, settings.voice_cache_size),
+        settings.workers or 1,
+        settings.max_queue,
+        settings.queue_timeout,
+        settings.max_reference_seconds,
+    )
     voices = VoiceCatalog(
         builtin_voice_names(model),
         Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices",
@@ -1541,7 +1820,12 @@ def main(argv: list[str] | None = None) -> int:
         settings.stream,
     )
     waitress.serve(
-        server.app, host=settings.host, port=settings.port, threads=settings.threads, ident=None
+        server.app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.workers + settings.max_queue + 8,  # queued requests wait on a thread
+        channel_request_lookahead=1,  # keep reading sockets, so hang-ups are seen at once
+        ident=None,
     )
     return 0
 

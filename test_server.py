@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,8 @@ import pytest
 import requests
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pocket_tts.models.model_state import _import_model_state, export_model_state
 from pocket_tts.modules.text_conditioner import JsonTokenizer
 from pocket_tts.utils.config import CONFIGS_DIR
@@ -252,6 +255,7 @@ class LiveServer:
     def __init__(self, app, **adjustments):
         import waitress.server
 
+        adjustments.setdefault("channel_request_lookahead", 1)  # as main() serves
         self.server = waitress.server.create_server(app, host="127.0.0.1", port=0, **adjustments)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -409,8 +413,11 @@ class TestSpeechFormats:
 
     def test_server_stream_default_and_request_override(self, stub):
         client = make_server(stub, stream=True).app.test_client()
-        assert "Content-Length" not in speech(client).headers
-        assert "Content-Length" in speech(client, stream=False).headers
+        streamed = speech(client)
+        assert "Content-Length" not in streamed.headers
+        streamed.close()  # as a WSGI server does: frees the worker the stream holds
+        buffered = speech(client, stream=False)
+        assert buffered.status_code == 200 and "Content-Length" in buffered.headers
 
     @pytest.mark.parametrize("speed", [0.25, 0.5, 1.5, 2.0, 4.0])
     @pytest.mark.parametrize("fmt,stream", [("wav", False), ("mp3", True), ("pcm", True)])
@@ -990,6 +997,8 @@ class TestEndpointsAndErrors:
             ({"input": "x" * 4097}, "input"),
             ({"input": "hi", "response_format": "ogg"}, "response_format"),
             ({"input": "hi", "response_format": 3}, "response_format"),
+            ({"input": "hi", "response_format": [None]}, "response_format"),  # found by the fuzzer
+            ({"input": "hi", "stream_format": ["sse"]}, "stream_format"),
             ({"input": "hi", "speed": 0.2}, "speed"),
             ({"input": "hi", "speed": 4.5}, "speed"),
             ({"input": "hi", "speed": "fast"}, "speed"),
@@ -1133,6 +1142,409 @@ class TestLiveHttp:
 
 
 # =================================================================================================
+# Production hardening: workers and queue, cancellation, limits, hostile input, load
+# =================================================================================================
+
+
+def post_json(url: str, body: dict, **kwargs) -> requests.Response:
+    return requests.post(f"{url}/v1/audio/speech", json=body, timeout=60, **kwargs)
+
+
+def raw_request(url: str, body: dict) -> socket.socket:
+    """Send a speech request on a bare socket (so the test can hang up at will)."""
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    data = json.dumps(body)
+    sock.sendall(
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n{data}".encode()
+    )
+    return sock
+
+
+def wait_for(predicate, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+LONG_TEXT = "This sentence is spoken many times over. " * 20
+
+
+class TestConcurrencyAndCancellation:
+    def test_concurrent_requests_never_mix_audio(self, stub, reference):
+        stub.frame_delay = 0.005
+        live = LiveServer(make_server(stub, workers=4).app, threads=8)
+        voices = {"alba": 300, "marius": 400, "estelle": 500, str(reference): 250}
+        results = {}
+
+        def run(voice):
+            r = post_json(
+                live.url,
+                {
+                    "input": "Hello world. This is a test.",
+                    "voice": voice,
+                    "response_format": "wav",
+                    "stream": voice == "marius",
+                },
+            )
+            results[voice] = r
+
+        threads = [threading.Thread(target=run, args=(v,)) for v in voices]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        live.close()
+        for voice, freq in voices.items():
+            samples, rate = decode(results[voice].content)
+            spectrum = np.abs(np.fft.rfft(samples)) ** 2
+            freqs = np.fft.rfftfreq(samples.size, 1 / rate)
+            own = spectrum[np.abs(freqs - freq) < 15].sum() / spectrum.sum()
+            assert own > 0.97, (voice, own)  # nothing of another request's voice leaked in
+            assert abs(samples.size / rate - 3 * 1920 * 8 / SR) < 0.01
+
+    def test_full_queue_is_429_with_retry_after_and_health_shows_it(self, stub):
+        stub.frame_delay = 0.02
+        live = LiveServer(make_server(stub, workers=1, max_queue=1).app, threads=8)
+        try:
+            first = raw_request(
+                live.url, {"input": LONG_TEXT, "response_format": "pcm", "stream": True}
+            )
+            assert first.recv(4096)
+            waiter = threading.Thread(target=post_json, args=(live.url, {"input": "Hi."}))
+            waiter.start()
+            assert wait_for(lambda: requests.get(f"{live.url}/health").json()["queue_depth"] == 1)
+            health = requests.get(f"{live.url}/health").json()
+            assert health["active_streams"] == 1 and health["workers"] == 1
+            r = post_json(live.url, {"input": "Hi."})
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            err = r.json()["error"]
+            assert err["code"] == "rate_limit_exceeded" and set(err) == {
+                "message",
+                "type",
+                "param",
+                "code",
+            }
+            first.close()
+            waiter.join(timeout=10)
+            assert wait_for(
+                lambda: requests.get(f"{live.url}/health").json()["active_streams"] == 0
+            )
+            assert requests.get(f"{live.url}/health").json()["recent_rtf"] > 0
+        finally:
+            live.close()
+
+    def test_openai_sdk_retries_a_429(self, stub):
+        import openai
+
+        stub.frame_delay = 0.01
+        live = LiveServer(make_server(stub, workers=1, max_queue=0).app, threads=8)
+        try:
+            blocker = raw_request(
+                live.url, {"input": "Hello world. " * 3, "response_format": "pcm", "stream": True}
+            )
+            assert blocker.recv(4096)
+            client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=5)
+            audio = client.audio.speech.create(
+                model="tts-1", voice="alloy", input="Hi.", response_format="wav"
+            )
+            assert duration(audio.content) > 0.5  # it got through once the worker was free
+            blocker.close()
+        finally:
+            live.close()
+
+    def test_queue_timeout_is_503(self, stub):
+        stub.frame_delay = 0.02
+        live = LiveServer(make_server(stub, workers=1, queue_timeout=0.3).app, threads=8)
+        try:
+            blocker = raw_request(
+                live.url, {"input": LONG_TEXT, "response_format": "pcm", "stream": True}
+            )
+            assert blocker.recv(4096)
+            r = post_json(live.url, {"input": "Hi."})
+            assert r.status_code == 503 and "Retry-After" in r.headers
+            assert r.json()["error"]["code"] == "server_busy"
+            blocker.close()
+        finally:
+            live.close()
+
+    @pytest.mark.parametrize("stream", [True, False])
+    def test_abandoned_request_stops_and_frees_the_worker(self, stub, stream):
+        stub.frame_delay = 0.02
+        live = LiveServer(make_server(stub, workers=1).app, threads=8)
+        try:
+            sock = raw_request(
+                live.url, {"input": LONG_TEXT, "response_format": "wav", "stream": stream}
+            )
+            assert wait_for(lambda: len(stub.generated) >= 1)
+            time.sleep(0.2)
+            sock.close()  # the client hangs up mid-generation
+            t0 = time.monotonic()
+            r = post_json(live.url, {"input": "Hi.", "response_format": "pcm"})
+            served = time.monotonic() - t0
+            assert r.status_code == 200
+            assert served < 0.5, served  # the abandoned generation did not run on
+            assert stub.stopped[0] is True and len(stub.generated) <= 3
+        finally:
+            live.close()
+
+
+class TestLimits:
+    def test_body_size_cap(self, stub):
+        client = make_server(stub, max_body_kb=1, max_input_chars=100_000).app.test_client()
+        assert_openai_error(speech(client, input="a" * 2000), 413)
+        assert speech(client, input="a" * 500).status_code == 200
+
+    def test_upload_size_cap(self, stub, voices_dir):
+        client = make_server(stub, voices_dir=str(voices_dir), max_upload_mb=1).app.test_client()
+        err = assert_openai_error(upload(client, "big", wav_bytes(300, 30.0)), 413, "file")
+        assert "1 MiB" in err["message"]
+        assert upload(client, "small", wav_bytes(300, 2.0)).status_code == 201
+
+    def test_reference_duration_cap(self, stub, tmp_path, monkeypatch):
+        lengths = []
+        original = stub.get_state_for_audio_prompt
+        monkeypatch.setattr(
+            stub,
+            "get_state_for_audio_prompt",
+            lambda src, **k: lengths.append(getattr(src, "shape", None)) or original(src, **k),
+        )
+        ref = write_audio(tmp_path / "ten.wav", tone(260, 10.0))
+        client = make_server(stub, max_reference_seconds=4).app.test_client()
+        assert speech(client, voice=str(ref)).status_code == 200
+        assert lengths[-1] == (1, 4 * SR)
+
+    def test_request_timeout_ends_the_stream_cleanly(self, stub):
+        stub.frame_delay = 0.02
+        client = make_server(stub, request_timeout=0.3).app.test_client()
+        r = speech(client, input=LONG_TEXT, response_format="wav", stream=True)
+        assert 0.1 < duration(r.data) < 3.0 and stub.stopped[-1] is True
+
+    @pytest.mark.parametrize(
+        "argv", [["--workers", "-1"], ["--max_body_kb", "0"], ["--queue_timeout", "0"]]
+    )
+    def test_limit_flags_are_validated(self, argv):
+        with pytest.raises(SystemExit):
+            srv.parse_settings(argv, environ={})
+
+    def test_workers_default_from_cpu_count(self):
+        assert srv.parse_settings([], environ={}).workers == max(1, (os.cpu_count() or 2) // 2)
+
+
+class TestHostileInput:
+    def test_bad_reference_files_are_rejected_fast_without_leaking(
+        self, stub, voices_dir, tmp_path, reference
+    ):
+        secret = "TOP-SECRET-CONTENT"
+        (tmp_path / "secret.txt").write_text(secret * 100)
+        (voices_dir / "random.wav").write_bytes(os.urandom(20_000))
+        good = write_audio(tmp_path / "good.mp3", tone(300, 3.0))
+        (voices_dir / "truncated.mp3").write_bytes(good.read_bytes()[:300])
+        (voices_dir / "zero.wav").write_bytes(b"")
+        with open(voices_dir / "huge.wav", "wb") as f:
+            f.truncate(60 * 1024 * 1024)  # sparse: huge on paper, instant to make
+        (voices_dir / "dir.wav").mkdir()
+        (voices_dir / "out.wav").symlink_to(reference)  # audio, but outside the voices dir
+        (voices_dir / "leak.wav").symlink_to(tmp_path / "secret.txt")
+        (voices_dir / "dev.wav").symlink_to("/dev/zero")
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        names = [
+            "random",
+            "truncated",
+            "zero",
+            "huge",
+            "dir.wav",
+            "out",
+            "leak",
+            "dev",
+            "/dev/zero",
+            "../ref",
+            "../../etc/passwd",
+            str(voices_dir / ".." / "secret.txt"),
+            "dev.wav",
+            "voices/../out",
+        ]
+        for name in names:
+            t0 = time.monotonic()
+            r = speech(client, voice=name)
+            assert time.monotonic() - t0 < 1.0, name
+            err = assert_openai_error(r, 400, "voice")
+            assert secret not in err["message"] and "Traceback" not in r.get_data(as_text=True), (
+                name
+            )
+        assert speech(client).status_code == 200
+
+    def test_openapi_description(self, client):
+        spec = client.get("/openapi.json").json
+        assert spec["openapi"].startswith("3.")
+        speech_schema = spec["paths"]["/v1/audio/speech"]["post"]["requestBody"]["content"][
+            "application/json"
+        ]["schema"]
+        assert speech_schema["properties"]["response_format"]["enum"] == list(CONTENT_TYPES)
+        assert "/v1/voices/{name}" in spec["paths"]
+
+
+# Strategies for the fuzz tests: plausible fields with hostile values, and plain junk.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+FIELDS = [
+    "model",
+    "input",
+    "voice",
+    "response_format",
+    "speed",
+    "stream",
+    "stream_format",
+    "instructions",
+    "normalize",
+]
+FIELD_VALUES = {
+    "input": st.text(max_size=40) | JSON_VALUES,
+    "voice": st.sampled_from(
+        [
+            "alloy",
+            "alba",
+            "nobody",
+            "",
+            "/dev/zero",
+            "../x",
+            "/etc/passwd",
+            "http://127.0.0.1:9/x.wav",
+            "\x00",
+            "a" * 300,
+        ]
+    )
+    | JSON_VALUES,
+    "response_format": st.sampled_from([*CONTENT_TYPES, "ogg", "MP3", ""]) | JSON_VALUES,
+    "speed": st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0.25, 4, 1, "1", True])
+    | JSON_VALUES,
+    "stream": st.booleans() | JSON_VALUES,
+    "stream_format": st.sampled_from(["audio", "sse", "x"]) | JSON_VALUES,
+}
+SPEECH_BODIES = (
+    st.fixed_dictionaries({}, optional={f: FIELD_VALUES.get(f, JSON_VALUES) for f in FIELDS})
+    | JSON_VALUES
+)
+
+
+class TestFuzz:
+    """Thousands of random and malformed requests: only 2xx or 4xx JSON, never a crash."""
+
+    @pytest.fixture(scope="class")
+    def fuzz_client(self, tokenizer_path, tmp_path_factory):
+        stub = StubModel(tokenizer_path)
+        stub.FRAMES_PER_TOKEN = 1
+        folder = tmp_path_factory.mktemp("fuzz")
+        server = make_server(
+            stub, voices_dir=str(folder / "voices"), cache_dir=str(folder / "cache")
+        )
+        return server.app.test_client()
+
+    @staticmethod
+    def check(r, method="POST"):
+        assert r.status_code < 500, r.get_data(as_text=True)[:500]
+        if r.status_code >= 400 and method != "HEAD":  # HEAD answers carry no body
+            assert set(r.get_json()["error"]) == {"message", "type", "param", "code"}
+        else:
+            r.get_data()
+        r.close()
+
+    @settings(max_examples=1200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=SPEECH_BODIES)
+    def test_speech_bodies(self, fuzz_client, body):
+        self.check(fuzz_client.post("/v1/audio/speech", json=body))
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        raw=st.binary(max_size=200),
+        content_type=st.sampled_from(
+            ["application/json", "text/plain", "", "multipart/form-data; boundary=x"]
+        ),
+        auth=st.text(max_size=20),
+    )
+    def test_raw_bodies_and_headers(self, fuzz_client, raw, content_type, auth):
+        headers = {"Authorization": auth} if auth.isprintable() and "\n" not in auth else {}
+        self.check(
+            fuzz_client.post(
+                "/v1/audio/speech", data=raw, content_type=content_type, headers=headers
+            )
+        )
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"]),
+        path=st.sampled_from(
+            ["/v1/voices/", "/v1/audio/", "/v1/", "/", "/v1/voices/../../"]
+        ).flatmap(
+            lambda prefix: st.text(
+                alphabet=st.characters(blacklist_categories=["Cs"]), max_size=20
+            ).map(lambda s: prefix + s)
+        ),
+        data=st.binary(max_size=100),
+    )
+    def test_paths_and_methods(self, fuzz_client, method, path, data):
+        quoted = urllib.parse.quote(path, safe="/.")  # any characters, as a client would send them
+        self.check(fuzz_client.open(quoted, method=method, data=data), method)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(name=st.text(max_size=70), filename=st.text(max_size=30), data=st.binary(max_size=3000))
+    def test_voice_uploads(self, fuzz_client, name, filename, data):
+        form = {"name": name, "file": (io.BytesIO(data), filename or "x")}
+        self.check(fuzz_client.post("/v1/voices", data=form, content_type="multipart/form-data"))
+
+    def test_a_normal_request_succeeds_afterwards(self, fuzz_client):
+        r = fuzz_client.post(
+            "/v1/audio/speech", json={"input": "Hello world.", "response_format": "wav"}
+        )
+        assert r.status_code == 200 and duration(r.data) > 0.1
+
+
+class TestLoad:
+    def test_many_concurrent_clients(self, stub):
+        """Loopback only, bounded in count and time: every 200 is valid audio, the rest 429 JSON."""
+        stub.frame_delay = 0.002
+        server = make_server(stub, workers=2, max_queue=4)
+        live = LiveServer(
+            server.app, threads=server.settings.workers + server.settings.max_queue + 8
+        )
+        text = "Hello world. This is a test."
+        want = expected_seconds(stub, server.engine, text)
+        outcomes, lock = [], threading.Lock()
+        deadline = time.monotonic() + 60
+
+        def client(i):
+            for j in range(4):
+                if time.monotonic() > deadline:
+                    return
+                fmt = list(CONTENT_TYPES)[(i + j) % 6]
+                r = post_json(
+                    live.url, {"input": text, "response_format": fmt, "stream": (i + j) % 2 == 0}
+                )
+                if r.status_code == 200:
+                    got = duration(r.content, fmt)
+                    ok = want - 0.002 <= got <= want + CODEC_SLACK[fmt]
+                else:
+                    ok = r.status_code == 429 and "error" in r.json() and "Retry-After" in r.headers
+                with lock:
+                    outcomes.append((r.status_code, ok, fmt))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        live.close()
+        assert len(outcomes) == 64
+        assert all(ok for _, ok, _ in outcomes), [o for o in outcomes if not o[1]]
+        assert sum(status == 200 for status, _, _ in outcomes) >= 16
+
+
+# =================================================================================================
 # The real pocket-tts model (random weights, released architecture, EOS off)
 # =================================================================================================
 
@@ -1262,6 +1674,31 @@ class TestRealModel:
         )
         assert r.status_code == 200 and len(r.data) > 0
         assert len(encodes) == 1 and first is not restarted
+
+    def test_concurrent_generations_on_one_model(self, real, tmp_path):
+        """Two workers share the weights; each stream keeps its own state and length."""
+        settings = srv.Settings(
+            model_path="x",
+            default_voice=str(real.server.voices.default.ref),
+            cache_dir=str(tmp_path),
+            workers=2,
+        )
+        live = LiveServer(srv.build_server(settings, model=real.model).app, threads=6)
+        texts = ["Hello world.", "This is a test of the speech server, with numbers one two three!"]
+        results = [None, None]
+
+        def run(i):
+            results[i] = post_json(
+                live.url, {"input": texts[i], "response_format": "wav", "stream": i == 0}
+            )
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        live.close()
+        for text, r in zip(texts, results, strict=True):
+            assert r.status_code == 200
+            assert abs(duration(r.content) - self.library_seconds(real.model, text)) < 1e-3
 
     @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
     def test_openai_sdk(self, real, speed):
