@@ -991,6 +991,12 @@ class Engine:
         with contextlib.suppress(OSError):
             self.cache.forget(self.content_key(source))
 
+    def warm_up(self, voice_state):
+        """One short generation at start-up: torch's first run on new threads is slow."""
+        for _ in self.generate("Hello.", voice_state, threading.Event()):
+            pass
+        self._recent.clear()
+
     # -- text -------------------------------------------------------------------------------------
 
     def split(self, text: str) -> list[str]:
@@ -1034,24 +1040,29 @@ class Engine:
                 self._recent.append((samples / self.sample_rate, time.monotonic() - started))
 
     def _generate_sentence(self, sentence: str, voice_state, stop) -> Iterator[np.ndarray]:
-        """One chunk of text, faded in and out so that consecutive chunks join without clicks."""
+        """One chunk of text, faded in and out so that consecutive chunks join without clicks.
+
+        The last FADE_OUT samples are held back until the next piece shows they are not the end;
+        the first piece (one frame, 80 ms) leaves whole, so encoders can start on it at once.
+        """
         fade_in = int(FADE_IN_SECONDS * self.sample_rate)
         fade_out = int(FADE_OUT_SECONDS * self.sample_rate)
-        pending = np.zeros(0, np.float32)  # last samples, held back until we know they end it
-        started = False
+        pending = np.zeros(0, np.float32)  # held-back tail
+        first = True
         stream = self.model.generate_audio_stream(voice_state, sentence, stop=stop)
         try:
             for chunk in stream:
                 audio = chunk.detach().to("cpu").float().numpy().reshape(-1)
-                if not started and audio.size:
+                if first and audio.size:
                     audio = audio.copy()
                     n = min(fade_in, audio.size)
                     audio[:n] *= np.linspace(0.0, 1.0, n, dtype=np.float32)
-                    started = True
                 pending = np.concatenate([pending, audio])
-                if pending.size > fade_out:
-                    yield pending[:-fade_out]
-                    pending = pending[-fade_out:]
+                keep = 0 if first else fade_out
+                first = first and not audio.size
+                if pending.size > keep:
+                    yield pending[: pending.size - keep]
+                    pending = pending[pending.size - keep :]
         finally:
             stream.close()
         if pending.size:
@@ -1334,62 +1345,34 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
     )
 
 
+# fmt: off
+OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
 def openapi_spec(settings: Settings) -> dict[str, Any]:
     """An OpenAPI 3 description of the API (for client generators and schema-driven fuzzers)."""
-    error = {
-        "description": "OpenAI error object",
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["message", "type", "param", "code"],
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": ["string", "null"]},
-                                "code": {"type": ["string", "null"]},
-                            },
-                        }
-                    },
-                }
-            }
-        },
-    }
-    json_ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
-    speech = {
-        "type": "object",
-        "required": ["input"],
-        "properties": {
-            "model": {"type": "string"},
-            "input": {"type": "string", "minLength": 1, "maxLength": settings.max_input_chars},
-            "voice": {"type": "string"},
-            "response_format": {"enum": list(FORMATS)},
-            "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
-            "stream": {"type": "boolean"},
-            "stream_format": {"enum": ["audio", "sse"]},
-            "instructions": {"type": "string"},
-            "normalize": {"type": "boolean"},
-        },
-    }
-    audio = {f.content_type: {} for f in FORMATS.values()} | {"text/event-stream": {}}
-    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    upload = {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "file": {"type": "string", "format": "binary"},
-                },
-            }
-        }
-    }
+    error = {"description": "OpenAI error object",
+             "content": {"application/json": {"schema": OPENAI_ERROR_SCHEMA}}}
     errors = {code: error for code in ("400", "401", "404", "409", "413", "429", "503")}
+    json_ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
+    speech = {"type": "object", "required": ["input"], "properties": {
+        "model": {"type": "string"},
+        "input": {"type": "string", "minLength": 1, "maxLength": settings.max_input_chars},
+        "voice": {"type": "string"},
+        "response_format": {"enum": list(FORMATS)},
+        "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
+        "stream": {"type": "boolean"},
+        "stream_format": {"enum": ["audio", "sse"]},
+        "instructions": {"type": "string"},
+        "normalize": {"type": "boolean"}}}
+    audio = {f.content_type: {} for f in FORMATS.values()} | {"text/event-stream": {}}
+    upload = {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+              "properties": {"name": {"type": "string"},
+                             "file": {"type": "string", "format": "binary"}}}}}
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
         "info": {"title": SERVER_NAME, "version": "1.0"},
@@ -1409,7 +1392,8 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/v1/audio/models": {"get": {"responses": json_ok}},
             "/health": {"get": {"responses": json_ok}},
         },
-    }  # fmt: skip
+    }
+# fmt: on
 
 
 class ClosingStream:
@@ -1577,6 +1561,8 @@ class SpeechServer:
             raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
         text = normalize_text(req.input, self.language) if req.normalize else req.input
+        if not re.search(r"\w", text):
+            raise invalid("input", "'input' has no words to speak (only symbols or emoji).")
         voice_state = self.load_voice(req.voice)
         fmt = FORMATS[req.response_format]
         headers = {
@@ -1584,21 +1570,21 @@ class SpeechServer:
             "Content-Disposition": f'inline; filename="speech.{fmt.name}"',
         }
         gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
-        release = self.engine.acquire(cancelled=gone)
-        try:
-            chunks = self.audio_chunks(text, voice_state, req, gone)
-            if not req.stream:
-                return Response(b"".join(chunks), content_type=fmt.content_type, headers=headers)
-        finally:
-            if not req.stream:
+        release = self.engine.acquire(cancelled=gone)  # may wait in the queue, or raise Busy
+        if not req.stream:
+            try:
+                data = b"".join(self.audio_chunks(text, voice_state, req, gone))
+            finally:
                 release()
+            return Response(data, content_type=fmt.content_type, headers=headers)
         if req.stream_format == "sse":
-            events = ClosingStream(self.sse_events(text, voice_state, req, gone), release)
-            return Response(events, mimetype="text/event-stream", headers=headers)
+            events = self.sse_events(text, voice_state, req, gone)
+            return Response(
+                ClosingStream(events, release), mimetype="text/event-stream", headers=headers
+            )
         headers["X-Accel-Buffering"] = "no"
-        return Response(
-            ClosingStream(chunks, release), content_type=fmt.content_type, headers=headers
-        )
+        chunks = ClosingStream(self.audio_chunks(text, voice_state, req, gone), release)
+        return Response(chunks, content_type=fmt.content_type, headers=headers)
 
     def load_voice(self, name: str | None):
         """Resolve and encode the requested voice; client mistakes become a 400 on `voice`."""
@@ -1631,6 +1617,10 @@ class SpeechServer:
                 data = encoder.encode(samples)
                 if data:
                     yield data
+        except ClientGone:
+            if not req.stream:
+                raise
+            return  # nobody is listening: no file to finish
         except Exception:
             if not req.stream:
                 raise
@@ -1795,7 +1785,7 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
         load_voice_map(settings.voice_map),
         settings.allow_remote_voices,
     )
-    engine.voice_state(voices.default)  # the first request must not pay for it
+    engine.warm_up(engine.voice_state(voices.default))  # the first request must not pay for it
     return SpeechServer(settings, engine, voices)
 
 

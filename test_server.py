@@ -226,7 +226,23 @@ def stub(tokenizer_path) -> StubModel:
 
 def make_server(model, **overrides) -> srv.SpeechServer:
     settings = srv.Settings(model_path="stub", **overrides)
-    return srv.build_server(settings, model=model)
+    server = srv.build_server(settings, model=model)
+    if isinstance(model, StubModel):  # forget the start-up warm-up generation
+        model.generated.clear()
+        model.stopped.clear()
+    return server
+
+
+@pytest.fixture
+def prompt_shapes(stub, monkeypatch) -> list:
+    """Shapes of the reference audio the stub is asked to clone from, in order."""
+    shapes, original = [], stub.get_state_for_audio_prompt
+    monkeypatch.setattr(
+        stub,
+        "get_state_for_audio_prompt",
+        lambda src, **k: shapes.append(getattr(src, "shape", None)) or original(src, **k),
+    )
+    return shapes
 
 
 @pytest.fixture
@@ -811,17 +827,10 @@ class TestVoiceLibrary:
         finally:
             httpd.shutdown()
 
-    def test_long_references_are_truncated_to_30_seconds(self, stub, tmp_path, monkeypatch):
-        lengths = []
-        original = stub.get_state_for_audio_prompt
-        monkeypatch.setattr(
-            stub,
-            "get_state_for_audio_prompt",
-            lambda src, **k: lengths.append(getattr(src, "shape", None)) or original(src, **k),
-        )
+    def test_long_references_are_truncated_to_30_seconds(self, stub, tmp_path, prompt_shapes):
         ref = write_audio(tmp_path / "long.flac", tone(260, 45.0, 48000), 48000)
         assert abs(spoken_freq(make_server(stub).app.test_client(), voice=str(ref)) - 260) < 5
-        assert lengths[-1] == (1, 30 * SR)
+        assert prompt_shapes[-1] == (1, 30 * SR)
 
     def test_cache_hit_restart_edit_and_corruption(self, tokenizer_path, voices_dir, tmp_path):
         cache = tmp_path / "cache"
@@ -992,6 +1001,7 @@ class TestEndpointsAndErrors:
             ({}, "input"),
             ({"input": ""}, "input"),
             ({"input": "   \n"}, "input"),
+            ({"input": "\u2013 \U0001f600 ..."}, "input"),  # nothing left to speak: found by the fuzzer
             ({"input": 42}, "input"),
             ({"input": ["a"]}, "input"),
             ({"input": "x" * 4097}, "input"),
@@ -1302,18 +1312,11 @@ class TestLimits:
         assert "1 MiB" in err["message"]
         assert upload(client, "small", wav_bytes(300, 2.0)).status_code == 201
 
-    def test_reference_duration_cap(self, stub, tmp_path, monkeypatch):
-        lengths = []
-        original = stub.get_state_for_audio_prompt
-        monkeypatch.setattr(
-            stub,
-            "get_state_for_audio_prompt",
-            lambda src, **k: lengths.append(getattr(src, "shape", None)) or original(src, **k),
-        )
+    def test_reference_duration_cap(self, stub, tmp_path, prompt_shapes):
         ref = write_audio(tmp_path / "ten.wav", tone(260, 10.0))
         client = make_server(stub, max_reference_seconds=4).app.test_client()
         assert speech(client, voice=str(ref)).status_code == 200
-        assert lengths[-1] == (1, 4 * SR)
+        assert prompt_shapes[-1] == (1, 4 * SR)
 
     def test_request_timeout_ends_the_stream_cleanly(self, stub):
         stub.frame_delay = 0.02

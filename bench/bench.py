@@ -1,0 +1,333 @@
+"""Side-by-side benchmark: pocket_tts_server.py against the pocket-tts library and its own server.
+
+Everything runs on the real pocket-tts code: the released `english` architecture (100M) with random
+weights and EOS off, so every run generates exactly the same lengths. Numbers are measured in one
+run on one machine and printed as ratios; absolute timings are noisy, ratios much less so.
+
+    python bench/bench.py                       # ~4 minutes on 2 cores
+    python bench/bench.py --config english_2m_2026-10 --quick
+
+It prints a Markdown table (the README's "Performance" section is one such run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pocket_tts_server as srv  # noqa: E402
+from test_server import build_tokenizer, random_weight_config, tone, write_audio  # noqa: E402
+
+FORMATS = list(srv.FORMATS)
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. This is a test of the speech server, "
+    "with numbers one two three!"
+)
+LONG_TEXT = "This sentence is spoken many times over, and nobody is listening. " * 30
+rows: list[tuple[str, str, str]] = []
+
+
+def row(metric: str, value: str, target: str = ""):
+    rows.append((metric, value, target))
+    print(f"  {metric}: {value} {target}", flush=True)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int, health: str, env=None) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:3]} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            requests.get(f"http://127.0.0.1:{port}{health}", timeout=1)
+            return proc
+        except requests.RequestException:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:3]} did not start")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(config: Path, ref: Path, cache: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "pocket_tts_server.py",
+        "--model_path",
+        str(config),
+        "--default_voice",
+        str(ref),
+        "--port",
+        str(port),
+        "--cache_dir",
+        str(cache),
+        "--log_level",
+        "warning",
+        *extra,
+    ]
+    return start(cmd, port, "/health"), f"http://127.0.0.1:{port}"
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def speech(url: str, text: str, fmt: str, stream: bool, voice: str | None = None):
+    """(seconds to first byte, seconds in all, body) of one request."""
+    body = {"input": text, "response_format": fmt, "stream": stream}
+    if voice:
+        body["voice"] = voice
+    t0 = time.perf_counter()
+    with requests.post(f"{url}/v1/audio/speech", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        chunks = r.iter_content(chunk_size=None)
+        first = next(chunks)
+        t_first = time.perf_counter() - t0
+        data = first + b"".join(chunks)
+    return t_first, time.perf_counter() - t0, data
+
+
+def first_byte_then_hang_up(url: str, text: str, fmt: str) -> float:
+    t0 = time.perf_counter()
+    with requests.post(
+        f"{url}/v1/audio/speech",
+        stream=True,
+        timeout=600,
+        json={"input": text, "response_format": fmt, "stream": True},
+    ) as r:
+        next(r.iter_content(chunk_size=None))
+        return time.perf_counter() - t0
+
+
+def library_run(model, state, text: str) -> tuple[float, float, float]:
+    """(first chunk s, total s, audio s) of pocket-tts's generate_audio_stream."""
+    t0 = time.perf_counter()
+    first, samples = None, 0
+    for chunk in model.generate_audio_stream(state, text):
+        first = first if first is not None else time.perf_counter() - t0
+        samples += chunk.shape[-1]
+    return first, time.perf_counter() - t0, samples / model.sample_rate
+
+
+def fixed_weight_config(tmp: Path, name: str) -> Path:
+    """A random-weight config whose weights are saved once, so every process loads the same ones
+    (the latent cache is keyed by the weights: a restart must find its entries again)."""
+    import safetensors.torch
+    import yaml
+    from pocket_tts import TTSModel
+
+    config = random_weight_config(tmp, build_tokenizer(tmp / "tokenizer.json"), name)
+    weights = tmp / "weights.safetensors"
+    safetensors.torch.save_file(TTSModel.load_model(config=str(config)).state_dict(), weights)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["weights_path"] = str(weights)
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="english", help="packaged architecture to use")
+    parser.add_argument("--quick", action="store_true", help="one repetition instead of three")
+    args = parser.parse_args()
+    reps = 1 if args.quick else 3
+
+    import torch
+    from pocket_tts import TTSModel
+
+    tmp = Path(tempfile.mkdtemp(prefix="pocket-tts-bench-"))
+    config = fixed_weight_config(tmp, args.config)
+    ref = write_audio(tmp / "ref.wav", tone(180, 6.5))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, config {args.config} (random weights, EOS off)",
+        flush=True,
+    )
+
+    # -- the library, called directly: the reference for everything else
+    model = TTSModel.load_model(config=str(config))
+    state = model.get_state_for_audio_prompt(
+        torch.from_numpy(srv.decode_reference(ref.read_bytes(), 24000))[None]
+    )
+    library_run(model, state, "Warm up.")
+    lib = [library_run(model, state, TEXT) for _ in range(reps)]
+    lib_first = median([r[0] for r in lib])
+    lib_total = median([r[1] for r in lib])
+    audio_s = lib[0][2]
+    row(
+        "library: real-time factor",
+        f"{audio_s / lib_total:.2f}x ({audio_s:.1f} s audio in {lib_total:.2f} s)",
+    )
+    row("library: first chunk", f"{lib_first * 1000:.0f} ms")
+
+    # -- encoding cost: every format's encoder on the same audio, against the generation time
+    audio = np.concatenate([c.numpy() for c in model.generate_audio_stream(state, TEXT)])
+    for fmt in FORMATS:
+        t0 = time.process_time()
+        enc = srv.AudioEncoder(srv.FORMATS[fmt], 24000, streaming=True)
+        for i in range(0, audio.size, 1920):
+            enc.encode(audio[i : i + 1920])
+        enc.finish()
+        row(
+            f"encoding CPU, {fmt}",
+            f"{100 * (time.process_time() - t0) / lib_total:.2f} % of generation",
+            "(target <= 3 %)",
+        )
+
+    # -- quantization, in the library
+    quantized = TTSModel.load_model(config=str(config), quantize=True)
+    q_state = quantized.get_state_for_audio_prompt(
+        torch.from_numpy(srv.decode_reference(ref.read_bytes(), 24000))[None]
+    )
+    library_run(quantized, q_state, "Warm up.")
+    q_total = median([library_run(quantized, q_state, TEXT)[1] for _ in range(reps)])
+    row("--quantize speed-up (library)", f"{lib_total / q_total:.2f}x")
+    del quantized, q_state
+
+    # -- our server: throughput and first byte per format
+    cache = tmp / "cache"
+    proc, url = start_server(config, ref, cache)
+    for fmt in FORMATS:
+        speech(url, "Warm up.", fmt, True)
+    for fmt in FORMATS:  # library and server alternate, so drifts in machine speed cancel out
+        lib_runs, totals, firsts = [], [], []
+        for _ in range(reps):
+            lib_runs.append(library_run(model, state, TEXT))
+            totals.append(speech(url, TEXT, fmt, False)[1])
+            firsts.append(speech(url, TEXT, fmt, True)[0])
+        fmt_lib_total = median([r[1] for r in lib_runs])
+        fmt_lib_first = median([r[0] for r in lib_runs])
+        row(
+            f"server/library throughput, {fmt}",
+            f"{fmt_lib_total / median(totals):.3f}",
+            "(target >= 0.97)",
+        )
+        row(
+            f"first byte - library first chunk, {fmt}",
+            f"{(median(firsts) - fmt_lib_first) * 1000:+.0f} ms",
+            "(target <= 20 ms)" if fmt in ("wav", "pcm") else "(target <= 60 ms)",
+        )
+
+    # -- voice latents: first use, cache hit, after a restart
+    voice = write_audio(tmp / "voice.wav", tone(210, 6.5))
+    first_use = speech(url, "Hi.", "pcm", False, str(voice))[1]
+    hit = speech(url, "Hi.", "pcm", False, str(voice))[1]
+    # -- cancellation: a client abandons a long stream; how soon is the next one served?
+    idle_first = median([speech(url, "Hello there.", "pcm", True)[0] for _ in range(reps)])
+    first_byte_then_hang_up(url, LONG_TEXT, "pcm")
+    after_abandon = first_byte_then_hang_up(url, "Hello there.", "pcm")
+    row(
+        "next request's first byte after an abandoned stream",
+        f"{after_abandon * 1000:.0f} ms (idle: {idle_first * 1000:.0f} ms)",
+        "(target < 300 ms)",
+    )
+    proc.terminate()
+    proc.wait()
+    proc, url = start_server(config, ref, cache)
+    after_restart = speech(url, "Hi.", "pcm", False, str(voice))[1]
+    row(
+        "voice latents: first use / cache hit / after restart",
+        f"{first_use:.2f} s / {hit:.2f} s / {after_restart:.2f} s (request time, 'Hi.')",
+    )
+
+    # -- concurrency: aggregate real-time factor with 1, 2, 4, 8 clients
+    single = None
+    for clients in (1, 2, 4, 8):
+        durations: list[float] = []
+
+        def client(durations=durations):
+            data = speech(url, TEXT, "pcm", True)[2]
+            durations.append(len(data) / 2 / 24000)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        rtf = sum(durations) / (time.perf_counter() - t0)
+        single = single or rtf
+        row(
+            f"aggregate real-time factor, {clients} clients",
+            f"{rtf:.2f}x ({rtf / single:.2f} of one)",
+            "(target >= 0.95 of one)" if clients == 8 else "",
+        )
+    row("server peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB")
+    proc.terminate()
+    proc.wait()
+
+    # -- pocket-tts's own server on the same config: POST /tts (streams a WAV)
+    port = free_port()
+    theirs = start(
+        [
+            "pocket-tts",
+            "serve",
+            "--config",
+            str(config),
+            "--default-voice",
+            str(ref),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        port,
+        "/health",
+    )
+    tts_url = f"http://127.0.0.1:{port}/tts"
+    requests.post(tts_url, data={"text": "Warm up."}, timeout=600).raise_for_status()
+    firsts, totals = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with requests.post(tts_url, data={"text": TEXT}, stream=True, timeout=600) as r:
+            chunks = r.iter_content(chunk_size=None)
+            next(chunks)
+            firsts.append(time.perf_counter() - t0)
+            b"".join(chunks)
+            totals.append(time.perf_counter() - t0)
+    theirs.terminate()
+    row(
+        "pocket-tts serve: first byte / throughput vs library",
+        f"{median(firsts) * 1000:.0f} ms / {lib_total / median(totals):.3f}",
+    )
+
+    print("\n| measurement | result | target |\n| --- | --- | --- |")
+    for metric, value, target in rows:
+        print(f"| {metric} | {value} | {target.strip('()')} |")
+
+
+if __name__ == "__main__":
+    main()
