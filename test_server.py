@@ -10,6 +10,7 @@ durations are deterministic. Every test decodes the audio it gets back with PyAV
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -1001,7 +1002,10 @@ class TestEndpointsAndErrors:
             ({}, "input"),
             ({"input": ""}, "input"),
             ({"input": "   \n"}, "input"),
-            ({"input": "\u2013 \U0001f600 ..."}, "input"),  # nothing left to speak: found by the fuzzer
+            (
+                {"input": "\u2013 \U0001f600 ..."},
+                "input",
+            ),  # nothing left to speak: found by the fuzzer
             ({"input": 42}, "input"),
             ({"input": ["a"]}, "input"),
             ({"input": "x" * 4097}, "input"),
@@ -1183,6 +1187,19 @@ def wait_for(predicate, timeout=5.0) -> bool:
 LONG_TEXT = "This sentence is spoken many times over. " * 20
 
 
+@contextlib.contextmanager
+def busy_worker(stub, text: str = LONG_TEXT, **overrides):
+    """A live one-worker server whose worker streams `text` to a client that does not read on."""
+    live = LiveServer(make_server(stub, workers=1, **overrides).app, threads=8)
+    blocker = raw_request(live.url, {"input": text, "response_format": "pcm", "stream": True})
+    try:
+        assert blocker.recv(4096)
+        yield live.url, blocker
+    finally:
+        blocker.close()
+        live.close()
+
+
 class TestConcurrencyAndCancellation:
     def test_concurrent_requests_never_mix_audio(self, stub, reference):
         stub.frame_delay = 0.005
@@ -1216,68 +1233,39 @@ class TestConcurrencyAndCancellation:
 
     def test_full_queue_is_429_with_retry_after_and_health_shows_it(self, stub):
         stub.frame_delay = 0.02
-        live = LiveServer(make_server(stub, workers=1, max_queue=1).app, threads=8)
-        try:
-            first = raw_request(
-                live.url, {"input": LONG_TEXT, "response_format": "pcm", "stream": True}
-            )
-            assert first.recv(4096)
-            waiter = threading.Thread(target=post_json, args=(live.url, {"input": "Hi."}))
+        with busy_worker(stub, max_queue=1) as (url, blocker):
+            waiter = threading.Thread(target=post_json, args=(url, {"input": "Hi."}))
             waiter.start()
-            assert wait_for(lambda: requests.get(f"{live.url}/health").json()["queue_depth"] == 1)
-            health = requests.get(f"{live.url}/health").json()
+            assert wait_for(lambda: requests.get(f"{url}/health").json()["queue_depth"] == 1)
+            health = requests.get(f"{url}/health").json()
             assert health["active_streams"] == 1 and health["workers"] == 1
-            r = post_json(live.url, {"input": "Hi."})
+            r = post_json(url, {"input": "Hi."})
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             err = r.json()["error"]
-            assert err["code"] == "rate_limit_exceeded" and set(err) == {
-                "message",
-                "type",
-                "param",
-                "code",
-            }
-            first.close()
+            assert err["code"] == "rate_limit_exceeded"
+            assert set(err) == {"message", "type", "param", "code"}
+            blocker.close()
             waiter.join(timeout=10)
-            assert wait_for(
-                lambda: requests.get(f"{live.url}/health").json()["active_streams"] == 0
-            )
-            assert requests.get(f"{live.url}/health").json()["recent_rtf"] > 0
-        finally:
-            live.close()
+            assert wait_for(lambda: requests.get(f"{url}/health").json()["active_streams"] == 0)
+            assert requests.get(f"{url}/health").json()["recent_rtf"] > 0
 
     def test_openai_sdk_retries_a_429(self, stub):
         import openai
 
         stub.frame_delay = 0.01
-        live = LiveServer(make_server(stub, workers=1, max_queue=0).app, threads=8)
-        try:
-            blocker = raw_request(
-                live.url, {"input": "Hello world. " * 3, "response_format": "pcm", "stream": True}
-            )
-            assert blocker.recv(4096)
-            client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="x", max_retries=5)
+        with busy_worker(stub, "Hello world. " * 3, max_queue=0) as (url, _):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=5)
             audio = client.audio.speech.create(
                 model="tts-1", voice="alloy", input="Hi.", response_format="wav"
             )
             assert duration(audio.content) > 0.5  # it got through once the worker was free
-            blocker.close()
-        finally:
-            live.close()
 
     def test_queue_timeout_is_503(self, stub):
         stub.frame_delay = 0.02
-        live = LiveServer(make_server(stub, workers=1, queue_timeout=0.3).app, threads=8)
-        try:
-            blocker = raw_request(
-                live.url, {"input": LONG_TEXT, "response_format": "pcm", "stream": True}
-            )
-            assert blocker.recv(4096)
-            r = post_json(live.url, {"input": "Hi."})
+        with busy_worker(stub, queue_timeout=0.3) as (url, _):
+            r = post_json(url, {"input": "Hi."})
             assert r.status_code == 503 and "Retry-After" in r.headers
             assert r.json()["error"]["code"] == "server_busy"
-            blocker.close()
-        finally:
-            live.close()
 
     @pytest.mark.parametrize("stream", [True, False])
     def test_abandoned_request_stops_and_frees_the_worker(self, stub, stream):
@@ -1294,7 +1282,7 @@ class TestConcurrencyAndCancellation:
             r = post_json(live.url, {"input": "Hi.", "response_format": "pcm"})
             served = time.monotonic() - t0
             assert r.status_code == 200
-            assert served < 0.5, served  # the abandoned generation did not run on
+            assert served < 1.0, served  # the abandoned one would have run ~10 s more
             assert stub.stopped[0] is True and len(stub.generated) <= 3
         finally:
             live.close()
