@@ -11,10 +11,11 @@ clients (the openai SDK, Open WebUI, Home Assistant, SillyTavern, curl...) use u
 Data flows top to bottom, and so does this file:
 
     configuration & CLI -> model -> text -> voices -> synthesis (Engine) -> encoding (PyAV)
-    -> HTTP API (Flask, served by waitress) -> page -> main
+    -> HTTP API (Flask, served by waitress) -> main -> page
 
-The Engine is the only code that touches the model: it yields float32 audio chunks and honours a
-stop event, so HTTP handlers and encoders never depend on how generation is scheduled. Encoders
+The Engine is the only code that touches the model: it runs syntheses on a pool of workers
+behind a bounded queue, yields float32 audio chunks and honours a stop event (set when a client
+hangs up), so HTTP handlers and encoders never depend on how generation is scheduled. Encoders
 are incremental, so a streamed response leaves as soon as the model produces audio, in every
 format. The web page and its logo are embedded at the end, so this file copied alone still runs.
 """
