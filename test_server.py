@@ -1805,6 +1805,27 @@ class TestBrowserPage:
         )
         assert not (Path(real.server.voices.voices_dir) / "Browser Voice.flac").exists()
 
+    def test_dropping_a_recording_adds_a_voice(self, page, real):
+        data = base64.b64encode(wav_bytes(260, 2.5)).decode()
+        page.evaluate(
+            """(b64) => {
+                 const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                 const transfer = new DataTransfer();
+                 transfer.items.add(new File([bytes], 'Dropped In.wav', {type: 'audio/wav'}));
+                 document.getElementById('drop').dispatchEvent(
+                   new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+               }""",
+            data,
+        )
+        assert page.input_value("#clone-name") == "Dropped In"
+        page.click("#clone-add")
+        page.wait_for_function("document.querySelector('#voice').value === 'Dropped In'")
+        assert (Path(real.server.voices.voices_dir) / "Dropped In.wav").is_file()
+        page.click("button[aria-label='Remove voice Dropped In']")
+        page.wait_for_function(
+            "!document.querySelector(\"button[aria-label='Remove voice Dropped In']\")"
+        )
+
     def test_download_with_and_without_a_save_dialog(self, page, real):
         generate_in_page(page, "Hello world.", "wav")
         want = TestRealModel.library_seconds(real.model, "Hello world.")
