@@ -663,23 +663,26 @@ class VoiceCatalog:
             "this model has no built-in voices: pass --default_voice /path/to/reference.wav"
         )
 
-    def resolve(self, name: str | None) -> VoiceSource:
-        """The voice a request asked for; OpenAI names never fail."""
+    def resolve(self, name: str | None, files: dict[str, Path] | None = None) -> VoiceSource:
+        """The voice a request asked for; OpenAI names never fail.
+
+        `files` is a voices-dir listing already read (custom_files), to list it once per call.
+        """
         if not name or not name.strip():
             return self.default
         key = name.strip()
         if key.lower() in self.voice_map:
             try:
-                return self.lookup(self.voice_map[key.lower()], allow_paths=False)
+                return self.lookup(self.voice_map[key.lower()], allow_paths=False, files=files)
             except VoiceError:
                 return self.default
-        return self.lookup(key)
+        return self.lookup(key, files=files)
 
-    def lookup(self, key: str, allow_paths: bool = True) -> VoiceSource:
+    def lookup(self, key: str, allow_paths: bool = True, files=None) -> VoiceSource:
         """A built-in, voices-dir entry, audio path or URL; else a VoiceError naming the choices."""
         if key.lower() in self.builtins:
             return VoiceSource("builtin", key.lower(), key.lower())
-        custom = self.custom_voice(key)
+        custom = self.custom_voice(key, files)
         if custom is not None:
             path = check_voice_path(custom)
             if not path.is_relative_to(self.voices_dir.resolve()):
@@ -709,9 +712,9 @@ class VoiceCatalog:
                     found.setdefault(path.stem, path)
         return found
 
-    def custom_voice(self, key: str) -> Path | None:
+    def custom_voice(self, key: str, files: dict[str, Path] | None = None) -> Path | None:
         """A voices-dir entry named by stem or file name, exactly or ignoring case."""
-        files = self.custom_files()
+        files = self.custom_files() if files is None else files
         by_name = {**files, **{p.name: p for p in files.values()}}
         if key in by_name:
             return by_name[key]
@@ -725,13 +728,14 @@ class VoiceCatalog:
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per voice, for /v1/voices (built-ins only when the model has them)."""
+        files = self.custom_files()
         entries = [
-            {"id": name, "kind": "openai", "maps_to": self.resolve(name).name}
+            {"id": name, "kind": "openai", "maps_to": self.resolve(name, files).name}
             for name in self.voice_map
         ]
         entries += [{"id": b, "kind": "builtin"} for b in self.builtins]
         entries += [{"id": stem, "kind": "custom", "file": p.name}
-                    for stem, p in self.custom_files().items()]  # fmt: skip
+                    for stem, p in files.items()]  # fmt: skip
         for entry in entries:
             entry.update(object="voice", name=entry["id"], default=entry["id"] == self.default.name)
         return entries
@@ -1700,8 +1704,9 @@ class SpeechServer:
                 "'name' must be 1-64 letters, digits, spaces or ._()- and start with a letter or "
                 "digit.",
             )
+        taken = ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
         if self.voices.kind_of(name) is not None:
-            raise ApiError(409, f"A voice named {name!r} already exists.", "name", "voice_exists")
+            raise taken
         limit = self.settings.max_upload_mb * 1024 * 1024
         data = upload.read(limit + 1)
         if len(data) > limit:
@@ -1714,10 +1719,8 @@ class SpeechServer:
         tmp.write_bytes(data)
         try:
             self.engine.voice_state(VoiceSource("file", str(tmp), name))  # validates and caches
-            if final.exists():
-                raise ApiError(
-                    409, f"A voice named {name!r} already exists.", "name", "voice_exists"
-                )
+            if final.exists():  # another upload of the same name finished meanwhile
+                raise taken
             os.replace(tmp, final)
         except VoiceError as exc:
             raise invalid("file", str(exc)) from None
