@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import unicodedata
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -47,7 +48,7 @@ from typing import Any
 import av
 import av.filter
 import numpy as np
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger("pocket_tts_server")
@@ -102,7 +103,8 @@ FLAG_HELP = {
     "allow_remote_voices": "allow http(s):// URLs as voices (downloaded by the server)",
     "device": "torch device: auto picks CUDA when available",
     "quantize": "apply pocket-tts dynamic int8 quantization (faster on CPU)",
-    "api_key": "require `Authorization: Bearer <key>` on the API (health and page stay open)",
+    "api_key": "require `Authorization: Bearer <key>` for synthesis and writes (health, the page "
+    "and the model and voice listings stay open)",
     "max_input_chars": "longest accepted `input`, in characters",
     "workers": "syntheses that run at once (0: one per two CPU cores; each uses ~2 threads)",
     "max_queue": "requests that may wait for a worker; more get 429 with Retry-After",
@@ -474,6 +476,69 @@ def expand_numbers(text: str, rules: LanguageRules) -> str:
     return text
 
 
+# Markup that apps send: SSML (<speak>, <break time="500ms"/>) and "[pause:1.5]". Pauses become
+# silence; every other tag is dropped and its text kept. Patterns are bounded, so linear-time.
+PAUSE = re.compile(
+    r"<break\b([^<>]{0,200})>|\[pause:[ \t]{0,8}(\d{1,3}(?:\.\d{1,3})?)[ \t]{0,8}\]", re.I
+)
+TAG = re.compile(r"</?[A-Za-z][\w:.-]{0,40}(?:\s[^<>]{0,500})?/?>")
+BREAK_TIME = re.compile(
+    r"time\s{0,8}=\s{0,8}[\"']?\s{0,8}(\d{1,6}(?:\.\d{1,3})?)\s{0,8}(ms|s)?", re.I
+)
+BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.5, "strong": 0.75,
+                   "x-strong": 1.0}  # fmt: skip
+MAX_PAUSE_SECONDS = 10.0  # one pause
+MAX_SCRIPT_PAUSE_SECONDS = 60.0  # all pauses of one request together
+WORDLESS_SILENCE_SECONDS = 0.25  # the answer to input with nothing to speak ("...", emoji)
+
+
+def pause_seconds(m: re.Match) -> float:
+    """The length of one <break> or [pause:N], capped at MAX_PAUSE_SECONDS."""
+    if m[2] is not None:
+        seconds = float(m[2])
+    elif time := BREAK_TIME.search(m[1]):
+        seconds = float(time[1]) / (1000.0 if (time[2] or "ms").lower() == "ms" else 1.0)
+    else:
+        strength = re.search(r"strength\s{0,8}=\s{0,8}[\"']?([a-z-]{1,10})", m[1], re.I)
+        seconds = BREAK_STRENGTHS.get(strength[1].lower(), 0.5) if strength else 0.5
+    return min(seconds, MAX_PAUSE_SECONDS)
+
+
+def speech_script(text: str, language: str = "english", normalize: bool = True) -> list:
+    """What to say: pieces of text (str) and pauses (float seconds), in order.
+
+    With `normalize`, markup is read (pauses kept, other tags dropped) and each piece of text is
+    normalized. Pieces with no words are left out; input with nothing to speak at all becomes a
+    short silence, as OpenAI answers it.
+    """
+    if not normalize:
+        script: list = [text]
+    else:
+        script, start, paused = [], 0, 0.0
+        for m in PAUSE.finditer(text):
+            script.append(text[start : m.start()])
+            seconds = min(pause_seconds(m), MAX_SCRIPT_PAUSE_SECONDS - paused)
+            if seconds > 0:
+                script.append(seconds)
+                paused += seconds
+            start = m.end()
+        script.append(text[start:])
+        script = [p if isinstance(p, float) else normalize_text(strip_tags(p), language)
+                  for p in script]  # fmt: skip
+    script = [p for p in script if isinstance(p, float) or re.search(r"\w", p)]
+    return script or [WORDLESS_SILENCE_SECONDS]
+
+
+def strip_tags(text: str) -> str:
+    """Drop markup tags, keeping their text ("<s>Hi</s>." -> "Hi.")."""
+    return re.sub(r"(?<! ) +(?=[.,!?;:])", "", TAG.sub(" ", text))  # one try per run: linear
+
+
+def script_text(script: list) -> str:
+    """The spoken text of a script, for token counts."""
+    return " ".join(p for p in script if isinstance(p, str))
+
+
 def normalize_text(text: str, language: str = "english") -> str:
     """Turn raw client text into plain prose the model reads well, in the model's language."""
     rules = LANGUAGES.get(language, LANGUAGES["english"])
@@ -526,6 +591,10 @@ VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
 class VoiceError(ValueError):
     """A voice that cannot be used; the message is safe to show the client."""
+
+
+class VoiceNotFound(VoiceError):
+    """No voice has that name."""
 
 
 @dataclass(frozen=True)
@@ -655,7 +724,11 @@ class VoiceCatalog:
         from pocket_tts.default_parameters import get_default_voice_for_language
 
         if name:
-            return self.lookup(name.strip())
+            name = name.strip()
+            relative = Path(name).expanduser()
+            if self.kind_of(name) is None and not relative.is_absolute() and relative.is_file():
+                name = str(relative.resolve())  # the operator's path, from the working directory
+            return self.lookup(name)
         builtin = get_default_voice_for_language(language)
         if builtin in self.builtins:
             return VoiceSource("builtin", builtin, builtin)
@@ -697,7 +770,7 @@ class VoiceCatalog:
         if allow_paths and Path(key).is_absolute():
             path = check_voice_path(Path(key))
             return VoiceSource("file", str(path), path.stem)
-        raise VoiceError(
+        raise VoiceNotFound(
             f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}; "
             "or an absolute path to an audio file on the server."
         )
@@ -1044,6 +1117,18 @@ class Engine:
             if samples:
                 self._recent.append((samples / self.sample_rate, time.monotonic() - started))
 
+    def speak(self, script: list, voice_state, stop: threading.Event) -> Iterator[np.ndarray]:
+        """Audio for a speech_script: text through `generate`, pauses as silence."""
+        for part in script:
+            if stop.is_set():
+                return
+            if isinstance(part, str):
+                yield from self.generate(part, voice_state, stop)
+                continue
+            total, step = round(part * self.sample_rate), self.sample_rate // 4
+            for start in range(0, total, step):  # in pieces, so a stream keeps flowing
+                yield np.zeros(min(step, total - start), np.float32)
+
     def _generate_sentence(self, sentence: str, voice_state, stop) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks.
 
@@ -1092,10 +1177,13 @@ class AudioFormat:
     bit_rate: int | None = None
 
 
+MP3_JOINABLE = {"id3v2_version": "0", "write_xing": "0"}
 FORMATS = {
     f.name: f
     for f in (
-        AudioFormat("mp3", "audio/mpeg", "mp3", "libmp3lame", bit_rate=64_000),
+        # No ID3v2 tag and no Xing/Info frame: clients join per-sentence MP3s into one stream,
+        # and a header in the middle of a stream is a glitch (or an error) to a decoder.
+        AudioFormat("mp3", "audio/mpeg", "mp3", "libmp3lame", {}, MP3_JOINABLE, 64_000),
         # Ogg pages are flushed every 20 ms instead of every second, so streams start at once.
         AudioFormat("opus", "audio/opus", "ogg", "libopus", {}, {"page_duration": "20000"}, 32_000),
         AudioFormat("aac", "audio/aac", "adts", "aac", bit_rate=64_000),
@@ -1259,6 +1347,9 @@ class AudioEncoder:
 # =================================================================================================
 
 OPEN_PATHS = ("/", "/health", "/openapi.json", "/pocket-tts-logo.png", "/favicon.ico")
+# Listings stay open under --api_key: Open WebUI fetches them with no key and, on a 401, silently
+# offers six stock voice names instead of this server's.
+DISCOVERY_PATHS = ("/v1/models", "/v1/audio/models", "/v1/voices", "/v1/audio/voices")
 
 
 class ApiError(Exception):
@@ -1291,6 +1382,7 @@ class SpeechRequest:
 
     input: str
     voice: str | None
+    model: str | None = None
     response_format: str = "mp3"
     speed: float = 1.0
     stream: bool = False
@@ -1315,9 +1407,18 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
             f"'input' is {len(text)} characters long; the maximum is {settings.max_input_chars}.",
             "string_above_max_length",
         )
-    for name in ("model", "voice", "instructions"):
+    for name in ("model", "instructions"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise invalid(name, f"'{name}' must be a string.", "invalid_type")
+    voice = body.get("voice")
+    if isinstance(voice, dict):  # the current OpenAI API: {"id": "<custom voice id>"}
+        voice = voice.get("id")
+        if not isinstance(voice, str):
+            raise invalid("voice", "'voice.id' must be a string.", "invalid_type")
+    elif voice is not None and not isinstance(voice, str):
+        raise invalid(
+            "voice", "'voice' must be a string or an object {\"id\": ...}.", "invalid_type"
+        )
     fmt = body.get("response_format") or "mp3"
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise invalid(
@@ -1341,7 +1442,8 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         raise invalid("stream_format", "'stream_format' must be 'audio' or 'sse'.")
     return SpeechRequest(
         input=text,
-        voice=body.get("voice") or None,
+        voice=voice or None,
+        model=body.get("model") or None,
         response_format=fmt,
         speed=float(speed),
         stream=stream or stream_format == "sse",
@@ -1366,7 +1468,8 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
     speech = {"type": "object", "required": ["input"], "properties": {
         "model": {"type": "string"},
         "input": {"type": "string", "minLength": 1, "maxLength": settings.max_input_chars},
-        "voice": {"type": "string"},
+        "voice": {"oneOf": [{"type": "string"}, {"type": "object", "required": ["id"],
+                                                 "properties": {"id": {"type": "string"}}}]},
         "response_format": {"enum": list(FORMATS)},
         "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
         "stream": {"type": "boolean"},
@@ -1377,6 +1480,11 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
     upload = {"multipart/form-data": {"schema": {"type": "object", "required": ["file"],
               "properties": {"name": {"type": "string"},
                              "file": {"type": "string", "format": "binary"}}}}}
+    openai_upload = {"multipart/form-data": {"schema": {"type": "object",
+                     "required": ["audio_sample", "name"], "properties": {
+                         "audio_sample": {"type": "string", "format": "binary"},
+                         "name": {"type": "string"}, "consent": {"type": "string"},
+                         "type": {"enum": ["audio_sample"]}}}}}
     name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
@@ -1392,7 +1500,12 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/v1/voices/{name}": {
                 "get": {"parameters": name, "responses": {**json_ok, **errors}},
                 "delete": {"parameters": name, "responses": {**json_ok, **errors}}},
-            "/v1/audio/voices": {"get": {"responses": json_ok}},
+            "/v1/audio/voices": {
+                "get": {"responses": json_ok},
+                "post": {"requestBody": {"content": openai_upload},
+                         "responses": {**json_ok, **errors}}},
+            "/v1/audio/voices/{name}": {
+                "delete": {"parameters": name, "responses": {**json_ok, **errors}}},
             "/v1/models": {"get": {"responses": json_ok}},
             "/v1/audio/models": {"get": {"responses": json_ok}},
             "/health": {"get": {"responses": json_ok}},
@@ -1457,11 +1570,15 @@ class SpeechServer:
             ("/v1/voices/<path:name>", self.get_voice, ["GET"]),
             ("/v1/voices/<path:name>", self.delete_voice, ["DELETE"]),
             ("/v1/audio/voices", self.list_audio_voices, ["GET"]),
+            ("/v1/audio/voices", self.create_audio_voice, ["POST"]),
+            ("/v1/audio/voices/<path:name>", self.delete_audio_voice, ["DELETE"]),
             ("/v1/audio/speech", self.speech, ["POST"]),
         ]
         for rule, view, methods in routes:
             app.add_url_rule(rule, view.__name__ + rule, view, methods=methods)
+        app.before_request(self.tag_request)
         app.before_request(self.check_api_key)
+        app.after_request(self.log_request)
         app.register_error_handler(ApiError, lambda e: e.response())
         app.register_error_handler(Busy, self.busy)
         app.register_error_handler(ClientGone, self.client_gone)
@@ -1471,9 +1588,23 @@ class SpeechServer:
 
     # -- errors and auth --------------------------------------------------------------------------
 
+    @staticmethod
+    def tag_request():
+        """Give each request an id: sent back as x-request-id and written in its log line."""
+        g.request_id = f"req_{uuid.uuid4().hex}"
+
+    @staticmethod
+    def log_request(resp: Response) -> Response:
+        request_id = g.get("request_id") or f"req_{uuid.uuid4().hex}"
+        resp.headers["x-request-id"] = request_id
+        logger.info("%s %s %s -> %d", request_id, request.method, request.path, resp.status_code)
+        return resp
+
     def check_api_key(self):
         key = self.settings.api_key
         if not key or request.path in OPEN_PATHS or request.method == "OPTIONS":
+            return
+        if request.method == "GET" and request.path in DISCOVERY_PATHS:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -1492,9 +1623,9 @@ class SpeechServer:
         elif exc.code == 405:
             message = f"Method {request.method} is not allowed on {request.path}."
         elif exc.code == 413:
-            upload = request.path == "/v1/voices"
-            limit = f"{self.settings.max_upload_mb} MiB" if upload else "the server's limit"
-            message, param = f"The request body is larger than {limit}.", "file" if upload else None
+            field = {"/v1/voices": "file", "/v1/audio/voices": "audio_sample"}.get(request.path)
+            limit = f"{self.settings.max_upload_mb} MiB" if field else "the server's limit"
+            message, param = f"The request body is larger than {limit}.", field
         code = exc.name.lower().replace(" ", "_")
         resp = ApiError(exc.code or 500, message, param, code).response()
         if exc.code == 405:
@@ -1515,7 +1646,8 @@ class SpeechServer:
 
     @staticmethod
     def internal_error(exc: Exception):
-        logger.exception("internal error on %s %s", request.method, request.path)
+        logger.exception("%s internal error on %s %s", g.get("request_id"), request.method,
+                         request.path)  # fmt: skip
         return ApiError(500, "The server had an internal error.", kind="server_error").response()
 
     # -- small JSON endpoints ---------------------------------------------------------------------
@@ -1565,36 +1697,47 @@ class SpeechServer:
             message = "We could not parse the JSON body of your request."
             raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
-        text = normalize_text(req.input, self.language) if req.normalize else req.input
-        if not re.search(r"\w", text):
-            raise invalid("input", "'input' has no words to speak (only symbols or emoji).")
-        voice_state = self.load_voice(req.voice)
+        script = speech_script(req.input, self.language, req.normalize)
+        speaks = any(isinstance(part, str) for part in script)
+        source = self.voice_source(req)
+        voice_state = self.load_voice(source, req.voice) if speaks else None
         fmt = FORMATS[req.response_format]
         headers = {
             "Cache-Control": "no-store",
             "Content-Disposition": f'inline; filename="speech.{fmt.name}"',
         }
         gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
-        release = self.engine.acquire(cancelled=gone)  # may wait in the queue, or raise Busy
+        # Only the model needs a worker: silence (wordless input) is answered at once.
+        release = self.engine.acquire(cancelled=gone) if speaks else (lambda: None)
         if not req.stream:
             try:
-                data = b"".join(self.audio_chunks(text, voice_state, req, gone))
+                data = b"".join(self.audio_chunks(script, voice_state, req, gone))
             finally:
                 release()
             return Response(data, content_type=fmt.content_type, headers=headers)
         if req.stream_format == "sse":
-            events = self.sse_events(text, voice_state, req, gone)
+            events = self.sse_events(script, voice_state, req, gone)
             return Response(
                 ClosingStream(events, release), mimetype="text/event-stream", headers=headers
             )
         headers["X-Accel-Buffering"] = "no"
-        chunks = ClosingStream(self.audio_chunks(text, voice_state, req, gone), release)
+        chunks = ClosingStream(self.audio_chunks(script, voice_state, req, gone), release)
         return Response(chunks, content_type=fmt.content_type, headers=headers)
 
-    def load_voice(self, name: str | None):
-        """Resolve and encode the requested voice; client mistakes become a 400 on `voice`."""
+    def voice_source(self, req: SpeechRequest) -> VoiceSource:
+        """The voice a request names: `voice`, else a `model` that names a voice (LocalAI's way)."""
+        name = req.voice
+        if name is None and req.model and req.model not in MODEL_IDS:
+            name = req.model if self.voices.kind_of(req.model) else None
         try:
-            source = self.voices.resolve(name)
+            return self.voices.resolve(name)
+        except VoiceError as exc:
+            code = "voice_not_found" if isinstance(exc, VoiceNotFound) else "invalid_value"
+            raise invalid("voice", str(exc), code) from None
+
+    def load_voice(self, source: VoiceSource, name: str | None):
+        """Encode the requested voice; client mistakes become a 400 on `voice`."""
+        try:
             return self.engine.voice_state(source)
         except VoiceError as exc:
             raise invalid("voice", str(exc)) from None
@@ -1604,10 +1747,10 @@ class SpeechServer:
                 return self.engine.voice_state(self.voices.default)
             raise
 
-    def audio_chunks(self, text: str, voice_state, req: SpeechRequest, gone, usage=None):
+    def audio_chunks(self, script: list, voice_state, req: SpeechRequest, gone, usage=None):
         """Encoded bytes of the response as they are produced; stops generation when closed."""
         stop = threading.Event()
-        audio = self.engine.generate(text, voice_state, stop)
+        audio = self.engine.speak(script, voice_state, stop)
         encoder = AudioEncoder(
             FORMATS[req.response_format], self.engine.sample_rate, req.speed, req.stream
         )
@@ -1638,15 +1781,16 @@ class SpeechServer:
                 usage["samples"] = encoder.samples_in
         yield encoder.finish()
 
-    def sse_events(self, text: str, voice_state, req: SpeechRequest, gone) -> Iterator[str]:
+    def sse_events(self, script: list, voice_state, req: SpeechRequest, gone) -> Iterator[str]:
         """OpenAI's speech SSE stream: audio deltas, then a done event with usage, then [DONE]."""
         usage: dict[str, int] = {}
-        for data in self.audio_chunks(text, voice_state, req, gone, usage):
+        for data in self.audio_chunks(script, voice_state, req, gone, usage):
             if data:
                 delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
                 yield f"data: {json.dumps(delta)}\n\n"
         samples_per_token = self.engine.sample_rate / self.engine.frame_rate
-        input_tokens = self.engine.count_tokens(text)
+        text = script_text(script)
+        input_tokens = self.engine.count_tokens(text) if text else 0
         output_tokens = math.ceil(usage.get("samples", 0) / samples_per_token)
         done = {
             "type": "speech.audio.done",
@@ -1689,14 +1833,31 @@ class SpeechServer:
         return name.lower() if kind else name
 
     def upload_voice(self):
-        """Store a reference recording as a new voice, encode it once, return its description."""
-        name = (request.form.get("name") or "").strip()
-        upload = request.files.get("file")
+        """POST /v1/voices: a recording (multipart `file`, optional `name`) becomes a voice."""
+        name = self.store_voice(request.files.get("file"), request.form.get("name"), "file")
+        resp = jsonify(self.voice_details(name))
+        resp.status_code = 201
+        return resp
+
+    def create_audio_voice(self):
+        """POST /v1/audio/voices, OpenAI's custom voices: `audio_sample`, `name`, `consent`."""
+        if (request.form.get("type") or "audio_sample") != "audio_sample":
+            raise invalid("type", "Only voices from an 'audio_sample' can be created here.")
+        upload, name = request.files.get("audio_sample"), request.form.get("name")
+        name = self.store_voice(upload, name, "audio_sample")
+        created = self.voices.custom_voice(name).stat().st_mtime
+        return jsonify(id=name, object="audio.voice", name=name, created_at=int(created),
+                       type="audio_sample")  # fmt: skip
+
+    def store_voice(self, upload, name: str | None, field: str) -> str:
+        """Validate, encode once and store an uploaded recording; return the new voice's name."""
+        name = (name or "").strip()
         if upload is None or not upload.filename:
-            raise invalid("file", "Send the recording as a multipart field named 'file'.")
+            raise invalid(field, f"Send the recording as a multipart field named '{field}'.")
         suffix = Path(upload.filename).suffix.lower()
         if suffix not in AUDIO_EXTENSIONS:
-            raise invalid("file", f"'file' must be an audio file ({', '.join(AUDIO_EXTENSIONS)}).")
+            allowed = ", ".join(AUDIO_EXTENSIONS)
+            raise invalid(field, f"'{field}' must be an audio file ({allowed}).")
         name = name or Path(upload.filename).stem
         if not VOICE_NAME.fullmatch(name) or name.lower().endswith(AUDIO_EXTENSIONS):
             raise invalid(
@@ -1710,8 +1871,8 @@ class SpeechServer:
         limit = self.settings.max_upload_mb * 1024 * 1024
         data = upload.read(limit + 1)
         if len(data) > limit:
-            message = f"'file' is larger than {self.settings.max_upload_mb} MiB."
-            raise ApiError(413, message, "file", "file_too_large")
+            message = f"'{field}' is larger than {self.settings.max_upload_mb} MiB."
+            raise ApiError(413, message, field, "file_too_large")
         folder = self.voices.voices_dir
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{name}{suffix}"
@@ -1723,15 +1884,21 @@ class SpeechServer:
                 raise taken
             os.replace(tmp, final)
         except VoiceError as exc:
-            raise invalid("file", str(exc)) from None
+            raise invalid(field, str(exc)) from None
         finally:
             tmp.unlink(missing_ok=True)
-        resp = jsonify(self.voice_details(name))
-        resp.status_code = 201
-        return resp
+        return name
 
     def delete_voice(self, name: str):
-        """Remove an uploaded (voices-dir) voice and its cached latents."""
+        """DELETE /v1/voices/<name>."""
+        return jsonify(id=self.remove_voice(name), object="voice", deleted=True)
+
+    def delete_audio_voice(self, name: str):
+        """DELETE /v1/audio/voices/<id>, OpenAI's shape."""
+        return jsonify(id=self.remove_voice(name), object="audio.voice.deleted", deleted=True)
+
+    def remove_voice(self, name: str) -> str:
+        """Remove an uploaded (voices-dir) voice and its cached latents; return its id."""
         kind = self.voices.kind_of(name)
         if kind is None:
             raise ApiError(404, f"No voice named {name!r}.", "name", "voice_not_found")
@@ -1742,7 +1909,7 @@ class SpeechServer:
         source = self.voices.lookup(name)
         self.engine.forget_voice(source)
         Path(self.voices.custom_voice(name)).unlink(missing_ok=True)
-        return jsonify(id=source.name, object="voice", deleted=True)
+        return source.name
 
     # -- page -------------------------------------------------------------------------------------
 
@@ -2057,6 +2224,7 @@ async function loadStatus() {
   const health = await (await fetch("/health")).json();
   ui.maxChars = health.max_input_chars || ui.maxChars;
   ui.defaultVoice = health.default_voice;
+  if (health.auth && !apiKey) showKeyForm();  // listings are open: ask before the first 401
   const model = health.model.split(/[\\/]/).pop();
   $("status").textContent = `${model} · ${health.device} · ${health.sample_rate / 1000} kHz`;
   updateCounter();
