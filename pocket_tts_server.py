@@ -891,6 +891,7 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
+MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
 class Busy(Exception):
@@ -925,6 +926,10 @@ class Engine:
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
     ):
         self.model = model
+        if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
+            model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
+        self._backlogs: dict[threading.Event, Any] = {}  # stop event -> its Mimi latent queue
+        self._track_backlogs()
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
@@ -936,6 +941,36 @@ class Engine:
         self.waiting = self.active = 0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
+
+    # -- pocket-tts internals ----------------------------------------------------------------------
+
+    def _track_backlogs(self):
+        """Remember each generation's queue of latents waiting for Mimi, keyed by its stop event.
+
+        pocket-tts's decoder thread drains that queue even after `stop`, so a hang-up would
+        keep a core busy decoding audio for nobody; `_drop_backlog` empties it instead.
+        """
+        original = getattr(self.model, "_generate", None)
+        if original is None:  # not a pocket-tts TTSModel (tests' stub)
+            return
+
+        def generate(**kwargs):
+            self._backlogs[kwargs["stop"]] = kwargs["latents_queue"]
+            return original(**kwargs)
+
+        self.model._generate = generate
+
+    def _drop_backlog(self, stop: threading.Event):
+        """After a stop: discard the latents not decoded yet, and end the decoder thread."""
+        import queue
+
+        backlog = self._backlogs.pop(stop, None)
+        if backlog is None or not stop.is_set():
+            return
+        with contextlib.suppress(queue.Empty):
+            while True:
+                backlog.get_nowait()
+        backlog.put(None)  # the decoder's end-of-stream marker
 
     # -- scheduling -------------------------------------------------------------------------------
 
@@ -1083,7 +1118,7 @@ class Engine:
         from pocket_tts.models.text_chunking import split_into_best_sentences
 
         m = self.model
-        return split_into_best_sentences(
+        chunks = split_into_best_sentences(
             m.flow_lm.conditioner.tokenizer,
             text,
             MAX_TOKEN_PER_CHUNK,
@@ -1093,6 +1128,30 @@ class Engine:
             capitalize_first_letter=m.capitalize_first_letter,
             replace_characters=m.replace_characters,
         )
+        return [piece for chunk in chunks for piece in self.fit(chunk, MAX_TOKEN_PER_CHUNK)]
+
+    def fit(self, chunk: str, limit: int) -> list[str]:
+        """Cut a chunk with no punctuation left to split at into runs of words of <= `limit` tokens.
+
+        pocket-tts sizes a chunk's KV cache, decoder state and length from its token count, so
+        one 800-token run of words would cost gigabytes; runs of `limit` tokens cost what a
+        sentence does. A word longer than the limit is cut into pieces of characters.
+        """
+        if self.count_tokens(chunk) <= limit:
+            return [chunk]
+        width = max(1, limit // 4)  # characters per piece of a giant word: <= 4 tokens each
+        words = (w[i : i + width] for w in chunk.split() for i in range(0, len(w), width))
+        pieces, run, used = [], [], 0
+        for word in words:
+            cost = self.count_tokens(" " + word)
+            if run and used + cost > limit:
+                pieces.append(" ".join(run))
+                run, used = [], 0
+            run.append(word)
+            used += cost
+        if run:
+            pieces.append(" ".join(run))
+        return pieces
 
     def count_tokens(self, text: str) -> int:
         """Text tokens as the model's tokenizer counts them (reported as usage)."""
@@ -1155,6 +1214,7 @@ class Engine:
                     pending = pending[pending.size - keep :]
         finally:
             stream.close()
+            self._drop_backlog(stop)
         if pending.size:
             yield pending * np.linspace(1.0, 0.0, pending.size, dtype=np.float32)
 

@@ -2070,6 +2070,77 @@ class TestRealModel:
         assert abs(duration(data) - want) < CODEC_SLACK["mp3"] + 0.03
 
 
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+WORST_INPUTS = {
+    "400 words, no punctuation": "word " * 400,
+    "a draw of 60 numbers": "Draw: " + ",".join(str(i) for i in range(1, 61)),
+    "one 4096-letter word": "a" * 4096,
+    "digits and spaces": "1 2 3 4 5 6 7 8 9 " * 227,
+}
+
+
+def default_state(real):
+    return real.server.engine.voice_state(real.server.voices.default)
+
+
+class TestRealModelUnderAttack:
+    """Issue #9's one-request attacks, on the real pocket-tts model."""
+
+    @pytest.mark.parametrize("name", WORST_INPUTS)
+    def test_every_chunk_fits_the_token_limit(self, real, name):
+        from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
+
+        text = srv.normalize_text(WORST_INPUTS[name])
+        chunks = real.server.engine.split(text)
+        assert max(real.server.engine.count_tokens(c) for c in chunks) <= MAX_TOKEN_PER_CHUNK
+        spoken = re.sub(r"[^a-z]", "", " ".join(chunks).lower())
+        assert spoken == re.sub(r"[^a-z]", "", text.lower())  # nothing dropped
+
+    @pytest.mark.parametrize("name", ["400 words, no punctuation", "a draw of 60 numbers"])
+    def test_memory_stays_bounded_for_the_worst_inputs(self, real, name):
+        """Before the fix, one 800-token chunk sized its KV cache and Mimi state for ~6 minutes
+        of audio at once (gigabytes); chunk memory no longer depends on the input's length."""
+        engine, stop, peak = real.server.engine, threading.Event(), [rss_mb()]
+        base = peak[0]
+        assert real.model.max_decoder_frames_per_call == srv.MAX_DECODER_FRAMES_PER_CALL
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mb())
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        t0, audio = time.monotonic(), 0
+        try:
+            for chunk in engine.generate(WORST_INPUTS[name], default_state(real), stop):
+                audio += chunk.size
+                if time.monotonic() - t0 > 4:
+                    break
+        finally:
+            stop.set()
+            sampler.join()
+        assert audio > 0 and peak[0] - base < 1024, (base, peak[0])
+
+    def test_a_hang_up_stops_decoding_too(self, real):
+        """pocket-tts's Mimi thread used to decode its whole backlog after `stop` (a busy core for
+        nobody); now the CPU goes idle once the stream is closed."""
+        engine, stop = real.server.engine, threading.Event()
+        stream = engine.generate("word " * 400, default_state(real), stop)
+        next(stream)
+        time.sleep(1.5)  # a client that stops reading while generation runs on
+        stop.set()
+        stream.close()
+        time.sleep(0.2)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.1
+
+
 # =================================================================================================
 # The page at /, in a real browser (Debian chromium driven by playwright) on the real model
 # =================================================================================================
