@@ -22,18 +22,23 @@ format. The web page and its logo are embedded at the end, so this file copied a
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import base64
 import contextlib
 import fractions
+import functools
 import hashlib
 import hmac
+import http.client
 import io
 import json
 import logging
 import math
 import os
 import re
+import signal
+import socket
 import sys
 import threading
 import time
@@ -44,11 +49,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import av
 import av.filter
 import numpy as np
 from flask import Flask, Response, g, jsonify, request
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger("pocket_tts_server")
@@ -77,6 +85,8 @@ class Settings:
     device: str = "auto"
     quantize: bool = False
     api_key: str | None = None
+    api_key_file: str | None = None
+    cors_origins: str | None = None
     max_input_chars: int = 4096
     workers: int = 0  # 0: one per two CPU cores
     max_queue: int = 16
@@ -86,6 +96,9 @@ class Settings:
     max_upload_mb: int = 25
     max_reference_seconds: float = 30.0
     voice_cache_size: int = 32
+    max_connections: int = 1000
+    idle_timeout: int = 30
+    drain_seconds: float = 15.0
     log_level: str = "info"
 
 
@@ -105,6 +118,10 @@ FLAG_HELP = {
     "quantize": "apply pocket-tts dynamic int8 quantization (faster on CPU)",
     "api_key": "require `Authorization: Bearer <key>` for synthesis and writes (health, the page "
     "and the model and voice listings stay open)",
+    "api_key_file": "read the API key from this file (keeps it out of `ps`; so does "
+    "POCKET_TTS_API_KEY)",
+    "cors_origins": "comma-separated browser origins allowed to call the API from other sites "
+    "(e.g. https://app.example.com; * for any); others' cross-site writes are refused",
     "max_input_chars": "longest accepted `input`, in characters",
     "workers": "syntheses that run at once (0: one per two CPU cores; each uses ~2 threads)",
     "max_queue": "requests that may wait for a worker; more get 429 with Retry-After",
@@ -114,6 +131,9 @@ FLAG_HELP = {
     "max_upload_mb": "largest voice upload, in MiB",
     "max_reference_seconds": "seconds of a reference recording used for cloning",
     "voice_cache_size": "voice states kept in memory (LRU)",
+    "max_connections": "open client connections at most (idle or slow ones included)",
+    "idle_timeout": "seconds an idle connection is kept open",
+    "drain_seconds": "on SIGTERM, seconds to let running streams finish before exiting",
     "log_level": "logging level",
 }
 FLAG_CHOICES = {
@@ -161,14 +181,20 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     args = parser.parse_args(argv)
     settings = Settings(**vars(args))
     positive = ("max_input_chars", "max_body_kb", "max_upload_mb", "max_reference_seconds",
-                "queue_timeout", "request_timeout", "voice_cache_size")  # fmt: skip
+                "queue_timeout", "request_timeout", "voice_cache_size", "max_connections",
+                "idle_timeout")  # fmt: skip
     for name in positive:
         if getattr(settings, name) <= 0:
             parser.error(f"--{name} must be positive")
-    if settings.workers < 0 or settings.max_queue < 0:
-        parser.error("--workers and --max_queue cannot be negative")
+    if settings.workers < 0 or settings.max_queue < 0 or settings.drain_seconds < 0:
+        parser.error("--workers, --max_queue and --drain_seconds cannot be negative")
     if settings.workers == 0:
         settings.workers = max(1, (os.cpu_count() or 2) // 2)
+    if settings.api_key_file:
+        try:
+            settings.api_key = Path(settings.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--api_key_file: {exc}")
     return settings
 
 
@@ -339,19 +365,26 @@ EMOJI = re.compile(
     "[\U0001f000-\U0001faff\U00002600-\U000027bf\U0001f1e6-\U0001f1ff\u2b00-\u2bff"
     "\ufe0f\u200d\u20e3]+"
 )
+# Every pattern over client text runs in linear time: no quantifier that can backtrack over an
+# unbounded run while another one does (in-line whitespace is [ \t], never \s across lines),
+# spans of emphasis and links are bounded, and number patterns start only where a number starts.
 MARKDOWN = [
     (re.compile(r"```[^\n]*\n?|`"), ""),  # code fences and inline code marks
-    (re.compile(r"!?\[([^\]]*)\]\([^)]*\)"), r"\1"),  # [text](url), ![alt](src) -> text
-    (re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$", re.M), r"\1."),  # headers end a sentence
-    (re.compile(r"^\s{0,3}>\s?", re.M), ""),  # blockquotes
-    (re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+", re.M), ""),  # list bullets
-    (re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$", re.M), ""),  # horizontal rules
-    (re.compile(r"(\*\*|__|~~)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold, strikethrough
-    (re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])"), r"\2"),  # emphasis
-]
-NUMBER = r"\d+(?:[.,]\d+)*"
+    (re.compile(r"!?\[([^\]\n]{0,300})\]\([^)\n]{0,1000}\)"), r"\1"),  # [text](url) -> text
+    (re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+([^\n]*)", re.M),
+     lambda m: m[1].rstrip().rstrip("#").rstrip() + "."),  # headers end a sentence
+    (re.compile(r"^[ \t]{0,3}>[ \t]?", re.M), ""),  # blockquotes
+    (re.compile(r"^[ \t]*(?:[-*+]|\d{1,9}[.)])[ \t]+", re.M), ""),  # list bullets
+    (re.compile(r"^[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*$", re.M), ""),  # horizontal rules
+    (re.compile(r"(\*\*|__|~~)(?=\S)([^\n]{0,300}?\S)\1"), r"\2"),  # bold, strikethrough
+    (re.compile(r"(?<![\w*])([*_])(?=\S)([^\n]{0,300}?\S)\1(?![\w*])"), r"\2"),  # emphasis
+]  # fmt: skip
+# A number starts after no digit or digit-and-separator: a failed match is never retried inside it.
+NUMBER = r"(?<![\d.,])\d+(?:[.,]\d+)*"
+LONG_NUMBER_DIGITS = 15  # longer digit runs are read digit by digit (num2words overflows)
 
 
+@functools.lru_cache(maxsize=4096)  # digits and small numbers recur: "0.777..." is one call
 def num2words_lang(rules: LanguageRules, value, **kwargs) -> str:
     from num2words import num2words
 
@@ -359,20 +392,34 @@ def num2words_lang(rules: LanguageRules, value, **kwargs) -> str:
 
 
 def parse_number(text: str, rules: LanguageRules):
-    """'1,234.56' / '1.234,56' / '1,5' -> Decimal, reading separators as the language does."""
+    """'1,234.56' / '1.234,56' / '1,5' -> Decimal, reading separators as the language does.
+
+    None when the separators make no single number ("1,2,3", "1.2.3"): a list, read part by part.
+    """
     from decimal import Decimal
 
     groups = re.split(r"[.,]", text)
     seps = re.findall(r"[.,]", text)
     if not seps:
         return Decimal(text)
-    last = seps[-1]
-    thousands_only = len(set(seps)) == 1 and all(len(g) == 3 for g in groups[1:])
-    english_decimal = not rules.decimal_comma and last == "." and len(seps) == 1
-    if thousands_only and not english_decimal and (len(seps) > 1 or groups[0] != "0"):
+    last, body = seps[-1], seps[:-1]
+    thousands = len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:]) and groups[0] != "0"
+    english_decimal = not rules.decimal_comma and seps == ["."]  # "1.234" is a decimal in English
+    if len(set(seps)) == 1 and thousands and not english_decimal:
         return Decimal("".join(groups))
-    whole, fraction = "".join(groups[:-1]), groups[-1]
-    return Decimal(f"{whole}.{fraction}")
+    grouped = len(groups[0]) <= 3 and all(len(g) == 3 for g in groups[1:-1])
+    one_kind = len(set(body)) <= 1 and last not in body
+    if (not body or grouped) and one_kind and (last == "." or rules.decimal_comma):
+        return Decimal(f"{''.join(groups[:-1])}.{groups[-1]}")
+    return None
+
+
+def say_parts(text: str, rules: LanguageRules) -> str:
+    """A list of numbers joined by separators ("1,2,3" -> "one, two, three")."""
+    from decimal import Decimal
+
+    spoken = {",": ", ", ".": f" {rules.point} "}
+    return "".join(spoken.get(p) or say_number(Decimal(p), rules) for p in re.split("([.,])", text))
 
 
 def say_number(value, rules: LanguageRules) -> str:
@@ -380,27 +427,37 @@ def say_number(value, rules: LanguageRules) -> str:
     sign = ""
     if value < 0:
         sign, value = num2words_lang(rules, -1).split()[0] + " ", -value
-    if value == value.to_integral_value() and "." not in str(value):
-        return sign + num2words_lang(rules, int(value))
-    whole, fraction = str(value).split(".")
+    whole, _, fraction = f"{value:f}".partition(".")
+    if len(whole) > LONG_NUMBER_DIGITS:
+        whole_words = " ".join(num2words_lang(rules, int(d)) for d in whole)
+    else:
+        whole_words = num2words_lang(rules, int(whole))
+    if not fraction:
+        return sign + whole_words
     if rules.fraction_digits or fraction.startswith("0") or len(fraction) > 2:
         spoken_fraction = " ".join(num2words_lang(rules, int(d)) for d in fraction)
     else:
         spoken_fraction = num2words_lang(rules, int(fraction))
-    return f"{sign}{num2words_lang(rules, int(whole))} {rules.point} {spoken_fraction}"
+    return f"{sign}{whole_words} {rules.point} {spoken_fraction}"
 
 
 def say_money(amount, code: str, rules: LanguageRules) -> str:
     """'$1,234.56' -> 'one thousand, two hundred and thirty-four dollars, fifty-six cents'."""
+    whole = amount == amount.to_integral_value()
+    cents = -amount.as_tuple().exponent <= 2 and len(str(int(amount))) <= LONG_NUMBER_DIGITS
+    if not whole and cents and currency_unit(code, 1, rules) != code:  # "five euro, fifty cents"
+        return num2words_lang(rules, amount, to="currency", currency=code)
+    unit = currency_unit(code, int(amount) if whole else 2, rules)
+    return f"{say_number(amount, rules)} {unit}"  # "one point one two three euros"
+
+
+def currency_unit(code: str, count: int, rules: LanguageRules) -> str:
+    """The currency's name for `count` of it ("dollars"), or its code where num2words has none."""
     from num2words import CONVERTER_CLASSES
 
-    forms = getattr(CONVERTER_CLASSES[rules.code], "CURRENCY_FORMS", {}).get(code)
-    if forms is None:  # a currency num2words lacks in this language: "five JPY" beats nothing
-        return f"{say_number(amount, rules)} {code}"
-    if amount != amount.to_integral_value():
-        return num2words_lang(rules, amount, to="currency", currency=code)
-    unit = CONVERTER_CLASSES[rules.code].pluralize(int(amount), forms[0])
-    return f"{num2words_lang(rules, int(amount))} {unit}"
+    converter = CONVERTER_CLASSES[rules.code]
+    forms = getattr(converter, "CURRENCY_FORMS", {}).get(code)
+    return code if forms is None else converter.pluralize(count, forms[0])
 
 
 def say_day(day: int, rules: LanguageRules) -> str:
@@ -425,11 +482,16 @@ def expand_numbers(text: str, rules: LanguageRules) -> str:
 
     def number(m: re.Match) -> str:
         value = parse_number(m["num"], rules)
+        if value is None:
+            return ("-" if m["neg"] else "") + say_parts(m["num"], rules)
         return say_number(-value if m["neg"] else value, rules)
 
     def money(m: re.Match) -> str:
-        amount = parse_number(m["num"] or m["num2"] or m["num3"], rules)
+        text = m["num"] or m["num2"] or m["num3"]
+        amount = parse_number(text, rules)
         code = CURRENCY_SYMBOLS.get(m["pre"] or m["post"] or "", m["code"])
+        if amount is None:
+            return f"{say_parts(text, rules)} {currency_unit(code, 2, rules)}"
         return say_money(amount, code, rules)
 
     def degrees(m: re.Match) -> str:
@@ -489,6 +551,7 @@ BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.5, "str
                    "x-strong": 1.0}  # fmt: skip
 MAX_PAUSE_SECONDS = 10.0  # one pause
 MAX_SCRIPT_PAUSE_SECONDS = 60.0  # all pauses of one request together
+SPOKEN_CHARS_PER_INPUT_CHAR = 8  # normalization may lengthen text ("1999"), but boundedly
 WORDLESS_SILENCE_SECONDS = 0.25  # the answer to input with nothing to speak ("...", emoji)
 
 
@@ -586,6 +649,7 @@ STATE_EXTENSION = ".safetensors"  # a voice state exported by `pocket-tts export
 MAX_REFERENCE_SECONDS = 30.0  # pocket-tts's own truncation length for voice prompts
 MIN_REFERENCE_SECONDS = 0.5
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
+UPLOAD_PREFIX = ".upload-"  # an upload being validated: ".upload-<pid>-<thread><suffix>"
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
 
@@ -610,20 +674,26 @@ class VoiceSource:
         return self.kind == "file" and self.ref.lower().endswith(STATE_EXTENSION)
 
 
-def check_voice_path(path: Path) -> Path:
-    """Accept only a regular audio (or voice state) file of sane size, after resolving links."""
+def check_voice_path(path: Path, folder: Path | None = None) -> Path:
+    """Accept only a regular audio (or voice state) file of sane size, after resolving links.
+
+    A path inside `folder` (the voices folder) must still be inside it once resolved. Every
+    refusal reads the same, so a client cannot probe what exists on the server.
+    """
     allowed = (*AUDIO_EXTENSIONS, STATE_EXTENSION)
+    refused = VoiceError(
+        f"voice {path.name!r} is not an allowed audio file ({', '.join(allowed)}, at most "
+        f"{MAX_REFERENCE_BYTES // 2**20} MiB)."
+    )
     try:
         resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise VoiceError(f"voice file {path.name!r} does not exist.") from None
-    if not resolved.is_file():
-        raise VoiceError(f"voice {path.name!r} is not a regular audio file.")
-    if not {path.suffix.lower(), resolved.suffix.lower()} <= set(allowed):
-        raise VoiceError(f"voice file {path.name!r} is not an audio file ({', '.join(allowed)}).")
-    size = resolved.stat().st_size
-    if size == 0 or size > MAX_REFERENCE_BYTES:
-        raise VoiceError(f"voice file {path.name!r} is empty or larger than the allowed size.")
+        regular = resolved.is_file() and 0 < resolved.stat().st_size <= MAX_REFERENCE_BYTES
+        if folder is not None and path.absolute().is_relative_to(folder.absolute()):
+            regular = regular and resolved.is_relative_to(folder.resolve())
+    except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL byte, bad Unicode
+        raise refused from None
+    if not regular or not {path.suffix.lower(), resolved.suffix.lower()} <= set(allowed):
+        raise refused
     return resolved
 
 
@@ -649,8 +719,11 @@ def decode_reference(data: bytes, sample_rate: int, max_seconds: float = MAX_REF
     audio = np.concatenate(pieces)[:limit] if pieces else np.zeros(0, np.float32)
     if audio.size < MIN_REFERENCE_SECONDS * sample_rate:
         raise VoiceError(f"the voice recording is shorter than {MIN_REFERENCE_SECONDS} s.")
-    if not np.isfinite(audio).all() or float(np.abs(audio).max()) < 1e-4:
+    peak = float(np.abs(audio).max())
+    if not math.isfinite(peak) or peak < 1e-4:
         raise VoiceError("the voice recording is silent or corrupt.")
+    if peak > 1.0:  # a float file may hold any range: bring it back to full scale
+        audio = audio / peak
     return audio.astype(np.float32, copy=False)
 
 
@@ -666,18 +739,107 @@ def audio_seconds(path: Path) -> float | None:
         return None
 
 
-def fetch_remote(url: str, timeout: float = 15.0) -> bytes:
-    """Download a remote reference (only with --allow_remote_voices), capped in size and time."""
-    import urllib.request
+def is_public_address(ip: str) -> bool:
+    """Whether an address is on the public internet (not loopback, private, link-local...)."""
+    import ipaddress
 
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - opt-in
-            data = response.read(MAX_REFERENCE_BYTES + 1)
-    except (OSError, ValueError) as exc:
-        raise VoiceError(f"the voice URL could not be fetched ({type(exc).__name__}).") from None
-    if len(data) > MAX_REFERENCE_BYTES:
-        raise VoiceError("the voice URL points at a file larger than the allowed size.")
-    return data
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+class RemoteVoices:
+    """Downloads remote references for --allow_remote_voices, and only what is safe to.
+
+    Each host is resolved once and the connection goes to that address, which must be public
+    (every spelling of loopback resolves to loopback, and is refused); redirects are refused;
+    one deadline covers the whole download, which is capped in size. Downloads are remembered
+    by URL with their validators (ETag, Last-Modified): an unchanged file is not fetched again.
+    Every failure reads the same, so the server cannot be used to scan a network.
+    """
+
+    def __init__(self, deadline: float = 15.0, max_bytes: int = MAX_REFERENCE_BYTES):
+        self.deadline, self.max_bytes = deadline, max_bytes
+        self.known: OrderedDict[str, tuple[dict[str, str], str]] = (
+            OrderedDict()
+        )  # url -> (validators, sha256)
+        self.lock = threading.Lock()
+
+    def fetch(self, url: str, fresh: bool = False) -> tuple[str, bytes | None]:
+        """(sha256 of the content, its bytes); bytes are None when the known copy is unchanged."""
+        with self.lock:
+            validators, key = self.known.get(url, ({}, ""))
+        try:
+            status, headers, data = self._get(url, {} if fresh else validators)
+        except (OSError, ValueError, http.client.HTTPException):
+            status = 0
+        if status == 304 and key:
+            return key, None
+        if status != 200:
+            raise VoiceError("the voice URL could not be used (only public http(s) audio files).")
+        key = hashlib.sha256(data).hexdigest()
+        validators = {"If-None-Match": headers.get("ETag"),
+                      "If-Modified-Since": headers.get("Last-Modified")}  # fmt: skip
+        kept = {name: value for name, value in validators.items() if value}
+        with self.lock:
+            self.known[url] = (kept, key)
+            while len(self.known) > 256:
+                self.known.popitem(last=False)
+        return key, data
+
+    def _get(self, url: str, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        ip = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)[0][4][0]
+        if not is_public_address(ip):
+            raise ValueError(ip)
+        end = time.monotonic() + self.deadline
+        kind = PinnedHTTPSConnection if parts.scheme == "https" else PinnedHTTPConnection
+        conn = kind(parts.hostname, port, ip, timeout=self.deadline)
+        try:
+            path = parts.path or "/"
+            conn.request("GET", f"{path}?{parts.query}" if parts.query else path,
+                         headers={"User-Agent": SERVER_NAME, **headers})  # fmt: skip
+            response = conn.getresponse()
+            data = bytearray()
+            while response.status == 200:
+                left = end - time.monotonic()
+                if left <= 0 or len(data) > self.max_bytes:
+                    raise ValueError("too slow or too large")
+                conn.sock.settimeout(left)
+                piece = response.read1(65536)
+                if not piece:
+                    break
+                data += piece
+            return response.status, response.headers, bytes(data)
+        finally:
+            conn.close()
+
+
+class PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to an address resolved (and checked) beforehand."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.ip = ip
+
+    def connect(self):
+        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
+
+
+class PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address resolved beforehand, verifying the certificate for the host name."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self.ip = ip
+
+    def connect(self):
+        sock = socket.create_connection((self.ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 def load_voice_map(path: str | None) -> dict[str, str]:
@@ -757,9 +919,7 @@ class VoiceCatalog:
             return VoiceSource("builtin", key.lower(), key.lower())
         custom = self.custom_voice(key, files)
         if custom is not None:
-            path = check_voice_path(custom)
-            if not path.is_relative_to(self.voices_dir.resolve()):
-                raise VoiceError(f"voice {key!r} links outside the voices folder.")
+            path = check_voice_path(custom, self.voices_dir)
             return VoiceSource("file", str(path), custom.stem)
         if allow_paths and key.startswith(("http://", "https://")):
             if not self.allow_remote:
@@ -768,7 +928,7 @@ class VoiceCatalog:
                 )
             return VoiceSource("url", key, key.rsplit("/", 1)[-1] or key)
         if allow_paths and Path(key).is_absolute():
-            path = check_voice_path(Path(key))
+            path = check_voice_path(Path(key), self.voices_dir)
             return VoiceSource("file", str(path), path.stem)
         raise VoiceNotFound(
             f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}; "
@@ -855,24 +1015,52 @@ class LatentCache:
         if persist and path is not None and not path.exists():
             from pocket_tts.models.model_state import export_model_state
 
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
                 export_model_state(state, tmp)
                 os.replace(tmp, path)
-            except OSError:
-                logger.warning("could not write the voice cache file %s", path, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError: read-only or full
+                logger.warning(
+                    "cannot write the voice cache in %s (%s): keeping voice states in memory only",
+                    self.folder, exc,
+                )  # fmt: skip
+                self.folder = None
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
     def forget(self, key: str):
         with self.lock:
             self.memory.pop(key, None)
         path = self.path(key)
         if path is not None:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache: the entry just stays
+                path.unlink(missing_ok=True)
 
     def status(self, key: str) -> dict[str, bool]:
         path = self.path(key)
         return {"memory": key in self.memory, "disk": bool(path and path.exists())}
+
+
+def remove_leftovers(folder: Path, pattern: str):
+    """Delete the temporary files (`pattern`, with the writer's pid) of processes that died."""
+    with contextlib.suppress(OSError):
+        for path in folder.glob(pattern):
+            pid = re.search(r"[.-](\d+)[.-]\d+", path.name)
+            if pid is None or not pid_alive(int(pid[1])):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    logger.info("removed %s, left by an interrupted write", path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def model_fingerprint(model, extra: str = "") -> str:
@@ -934,6 +1122,7 @@ class Engine:
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.cache = cache or LatentCache(None)
+        self.remote = RemoteVoices()
         self.workers, self.max_queue, self.queue_timeout = workers, max_queue, queue_timeout
         self.max_reference_seconds = max_reference_seconds
         self._slots = threading.Semaphore(workers)
@@ -1044,10 +1233,18 @@ class Engine:
                     state = self.model.get_state_for_audio_prompt(source.ref)
                 self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
             return state
-        data = fetch_remote(source.ref) if source.kind == "url" else None
-        key = self.content_key(source, data)
+        data = None
+        if source.kind == "url":
+            key, data = self.remote.fetch(source.ref)
+        else:
+            try:
+                key = self.content_key(source)
+            except OSError:  # removed or replaced since it was resolved
+                raise VoiceError(f"voice {source.name!r} is no longer available.") from None
         state = self.cache.get(key) or self._load_cached(key)
         if state is None:
+            if source.kind == "url" and data is None:  # known unchanged, but its state was evicted
+                key, data = self.remote.fetch(source.ref, fresh=True)
             state = self._encode_voice(source, data)
             self.cache.put(key, state, persist=not source.is_state_file)
         return state
@@ -1074,7 +1271,8 @@ class Engine:
             state = self.model.get_state_for_audio_prompt(path)
         except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt
             logger.warning("discarding unreadable voice cache file %s", path)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
         self.cache.put(key, state, persist=False)
         return state
@@ -1406,6 +1604,7 @@ class AudioEncoder:
 # HTTP API
 # =================================================================================================
 
+CORS_EXPOSED = "Retry-After, x-request-id, Content-Disposition"
 OPEN_PATHS = ("/", "/health", "/openapi.json", "/pocket-tts-logo.png", "/favicon.ico")
 # Listings stay open under --api_key: Open WebUI fetches them with no key and, on a 401, silently
 # offers six stock voice names instead of this server's.
@@ -1432,8 +1631,32 @@ class ApiError(Exception):
         return resp
 
 
+def host_name(host: str) -> str:
+    """The name in a Host header: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback_name(name: str) -> bool:
+    import ipaddress
+
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def voices_dir_unwritable() -> ApiError:
+    message = "The voices folder cannot be written on this server (read-only or full)."
+    return ApiError(403, message, code="voices_dir_not_writable", kind="server_error")
 
 
 @dataclass
@@ -1450,6 +1673,9 @@ class SpeechRequest:
     normalize: bool = True
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry them; UTF-8 cannot
+
+
 def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
     """Validate an OpenAI speech request; unknown fields are ignored, bad ones name their param."""
     if not isinstance(body, dict):
@@ -1459,6 +1685,8 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         raise invalid("input", "Missing required parameter: 'input'.", "missing_required_parameter")
     if not isinstance(text, str):
         raise invalid("input", "'input' must be a string.", "invalid_type")
+    if LONE_SURROGATE.search(text):
+        raise invalid("input", "'input' holds invalid Unicode (a lone surrogate).")
     if not text.strip():
         raise invalid("input", "'input' must not be empty.")
     if len(text) > settings.max_input_chars:
@@ -1475,7 +1703,9 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         voice = voice.get("id")
         if not isinstance(voice, str):
             raise invalid("voice", "'voice.id' must be a string.", "invalid_type")
-    elif voice is not None and not isinstance(voice, str):
+    if isinstance(voice, str) and LONE_SURROGATE.search(voice):
+        raise invalid("voice", "'voice' holds invalid Unicode (a lone surrogate).")
+    if voice is not None and not isinstance(voice, str):
         raise invalid(
             "voice", "'voice' must be a string or an object {\"id\": ...}.", "invalid_type"
         )
@@ -1610,12 +1840,15 @@ class SpeechServer:
         self.voices = voices
         self.device = str(getattr(engine.model, "device", "cpu"))
         self.language = model_language(engine.model)
+        self.default_state = engine.voice_state(voices.default)  # kept, should its file vanish
+        self.naming = threading.Lock()  # voice names are claimed one upload at a time
+        self.cors = {o.strip().rstrip("/") for o in (settings.cors_origins or "").split(",")} - {""}
+        self.loopback_only = is_loopback_name(settings.host)
         self.app = self.create_app()
 
     def create_app(self) -> Flask:
         app = Flask(SERVER_NAME)
-        max_body = max(self.settings.max_upload_mb * 1024, self.settings.max_body_kb)
-        app.config["MAX_CONTENT_LENGTH"] = max_body * 1024 + 64 * 1024  # multipart overhead
+        app.config["MAX_CONTENT_LENGTH"] = max_body_bytes(self.settings)
         app.json.sort_keys = False
         routes = [
             ("/", self.page, ["GET"]),
@@ -1637,8 +1870,9 @@ class SpeechServer:
         for rule, view, methods in routes:
             app.add_url_rule(rule, view.__name__ + rule, view, methods=methods)
         app.before_request(self.tag_request)
+        app.before_request(self.guard_request)
         app.before_request(self.check_api_key)
-        app.after_request(self.log_request)
+        app.after_request(self.finish_response)
         app.register_error_handler(ApiError, lambda e: e.response())
         app.register_error_handler(Busy, self.busy)
         app.register_error_handler(ClientGone, self.client_gone)
@@ -1653,11 +1887,55 @@ class SpeechServer:
         """Give each request an id: sent back as x-request-id and written in its log line."""
         g.request_id = f"req_{uuid.uuid4().hex}"
 
-    @staticmethod
-    def log_request(resp: Response) -> Response:
+    def finish_response(self, resp: Response) -> Response:
+        """Tag, log, and (for an allowed other site) open the response to the browser."""
         request_id = g.get("request_id") or f"req_{uuid.uuid4().hex}"
         resp.headers["x-request-id"] = request_id
+        origin = request.headers.get("Origin")
+        if self.origin_allowed(origin):
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+            resp.vary.add("Origin")
         logger.info("%s %s %s -> %d", request_id, request.method, request.path, resp.status_code)
+        return resp
+
+    def guard_request(self):
+        """Refuse what only another web site (or a DNS-rebound host name) would send.
+
+        A browser lets any site post to a server on your machine; without a key, that site
+        could speak or upload through it. Writes from other sites are refused unless their
+        origin is in --cors_origins, and a server on loopback only answers loopback names.
+        """
+        if self.loopback_only and not is_loopback_name(host_name(request.host)):
+            message = f"This server answers only on its own address, not as {request.host!r}."
+            raise ApiError(403, message, code="invalid_host")
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            return self.preflight(origin)
+        write = request.method not in ("GET", "HEAD", "OPTIONS")
+        if write and self.cross_site(origin) and not self.origin_allowed(origin):
+            message = (f"Requests from other sites ({origin or 'unknown origin'}) are refused; "
+                       "allow the site with --cors_origins.")  # fmt: skip
+            raise ApiError(403, message, code="cross_site_request")
+        return None
+
+    def cross_site(self, origin: str | None) -> bool:
+        site = request.headers.get("Sec-Fetch-Site", "")
+        if site in ("cross-site", "same-site"):
+            return True
+        return bool(origin) and (origin == "null" or urlsplit(origin).netloc != request.host)
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        return bool(origin) and ("*" in self.cors or origin.rstrip("/") in self.cors)
+
+    def preflight(self, origin: str | None) -> Response:
+        """CORS preflight: an allowed origin may send the key and JSON; others learn nothing."""
+        if not self.origin_allowed(origin):
+            raise ApiError(403, "This origin is not allowed (--cors_origins).", code="cors_origin")
+        resp = Response(status=204)
+        resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        resp.headers["Access-Control-Max-Age"] = "600"
         return resp
 
     def check_api_key(self):
@@ -1715,7 +1993,7 @@ class SpeechServer:
     def health(self):
         return jsonify(
             status="ok",
-            model=self.settings.model_path,
+            model=Path(self.settings.model_path).name,  # a path would tell where files are
             device=self.device,
             sample_rate=self.engine.sample_rate,
             voices=len(self.voices.names()),
@@ -1752,12 +2030,21 @@ class SpeechServer:
         if (request.content_length or 0) > self.settings.max_body_kb * 1024:
             message = f"The request body exceeds {self.settings.max_body_kb} KiB."
             raise ApiError(413, message, code="request_too_large")
-        body = request.get_json(force=True, silent=True)
+        if request.mimetype not in ("", "application/json"):  # a form post from another site
+            message = "Send the request body as JSON, with 'Content-Type: application/json'."
+            raise ApiError(415, message, code="unsupported_media_type")
+        try:
+            body = json.loads(request.get_data(cache=False) or b"null")
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested thousands deep
+            body = None
         if body is None:
             message = "We could not parse the JSON body of your request."
             raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
         script = speech_script(req.input, self.language, req.normalize)
+        if len(script_text(script)) > SPOKEN_CHARS_PER_INPUT_CHAR * self.settings.max_input_chars:
+            message = "'input' is too long once its numbers and symbols are written out as words."
+            raise invalid("input", message, "string_above_max_length")
         speaks = any(isinstance(part, str) for part in script)
         source = self.voice_source(req)
         voice_state = self.load_voice(source, req.voice) if speaks else None
@@ -1769,19 +2056,18 @@ class SpeechServer:
         gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
         # Only the model needs a worker: silence (wordless input) is answered at once.
         release = self.engine.acquire(cancelled=gone) if speaks else (lambda: None)
+        job = (script, voice_state, req, gone, release)
         if not req.stream:
             try:
-                data = b"".join(self.audio_chunks(script, voice_state, req, gone))
+                data = b"".join(self.audio_chunks(*job))
             finally:
                 release()
             return Response(data, content_type=fmt.content_type, headers=headers)
         if req.stream_format == "sse":
-            events = self.sse_events(script, voice_state, req, gone)
-            return Response(
-                ClosingStream(events, release), mimetype="text/event-stream", headers=headers
-            )
+            events = ClosingStream(self.sse_events(*job), release)
+            return Response(events, mimetype="text/event-stream", headers=headers)
         headers["X-Accel-Buffering"] = "no"
-        chunks = ClosingStream(self.audio_chunks(script, voice_state, req, gone), release)
+        chunks = ClosingStream(self.audio_chunks(*job), release)
         return Response(chunks, content_type=fmt.content_type, headers=headers)
 
     def voice_source(self, req: SpeechRequest) -> VoiceSource:
@@ -1800,6 +2086,9 @@ class SpeechServer:
         try:
             return self.engine.voice_state(source)
         except VoiceError as exc:
+            if source == self.voices.default:  # its file went away: keep the state from start-up
+                logger.warning("default voice unavailable (%s); using its start-up state", exc)
+                return self.default_state
             raise invalid("voice", str(exc)) from None
         except Exception:
             if name and name.strip().lower() in self.voices.voice_map:
@@ -1807,20 +2096,32 @@ class SpeechServer:
                 return self.engine.voice_state(self.voices.default)
             raise
 
-    def audio_chunks(self, script: list, voice_state, req: SpeechRequest, gone, usage=None):
-        """Encoded bytes of the response as they are produced; stops generation when closed."""
+    def audio_chunks(self, script: list, voice_state, req: SpeechRequest, gone, release,
+                     usage=None):  # fmt: skip
+        """Encoded bytes of the response as they are produced; stops generation when closed.
+
+        The worker (`release`) is freed as soon as generation ends, or at --request_timeout
+        even while a slow reader still holds this generator at a `yield`.
+        """
         stop = threading.Event()
         audio = self.engine.speak(script, voice_state, stop)
         encoder = AudioEncoder(
             FORMATS[req.response_format], self.engine.sample_rate, req.speed, req.stream
         )
-        deadline = time.monotonic() + self.settings.request_timeout
+
+        def expire():
+            logger.warning("synthesis stopped after --request_timeout")
+            stop.set()
+            release()
+
+        timer = threading.Timer(self.settings.request_timeout, expire)
+        timer.daemon = True
+        timer.start()
         try:
             for samples in audio:
                 if gone():
                     raise ClientGone
-                if time.monotonic() > deadline:
-                    logger.warning("synthesis stopped after --request_timeout")
+                if stop.is_set():  # the deadline passed
                     break
                 data = encoder.encode(samples)
                 if data:
@@ -1835,16 +2136,18 @@ class SpeechServer:
             # Headers are gone: log, and end the file cleanly with the audio made so far.
             logger.exception("synthesis failed after the response started")
         finally:
+            timer.cancel()
             stop.set()  # a client that hung up closes this generator: stop generating for nobody
             audio.close()
+            release()  # the model is free for the next request while the last bytes leave
             if usage is not None:
                 usage["samples"] = encoder.samples_in
         yield encoder.finish()
 
-    def sse_events(self, script: list, voice_state, req: SpeechRequest, gone) -> Iterator[str]:
+    def sse_events(self, script: list, voice_state, req: SpeechRequest, gone, release):
         """OpenAI's speech SSE stream: audio deltas, then a done event with usage, then [DONE]."""
         usage: dict[str, int] = {}
-        for data in self.audio_chunks(script, voice_state, req, gone, usage):
+        for data in self.audio_chunks(script, voice_state, req, gone, release, usage):
             if data:
                 delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
                 yield f"data: {json.dumps(delta)}\n\n"
@@ -1870,14 +2173,19 @@ class SpeechServer:
         if entry is None:
             raise ApiError(404, f"No voice named {name!r}.", "name", "voice_not_found")
         if entry["kind"] == "custom":
-            source = self.voices.lookup(name)
-            path = Path(source.ref)
-            entry.update(
-                source=path.name,
-                bytes=path.stat().st_size,
-                duration=None if source.is_state_file else audio_seconds(path),
-                cached=self.engine.cache.status(self.engine.content_key(source)),
-            )
+            try:
+                source = self.voices.lookup(name)
+                path = Path(source.ref)
+                entry.update(
+                    source=path.name,
+                    bytes=path.stat().st_size,
+                    duration=None if source.is_state_file else audio_seconds(path),
+                    cached=self.engine.cache.status(self.engine.content_key(source)),
+                    usable=True,
+                )
+            except (VoiceError, OSError) as exc:  # a broken entry in the voices folder
+                message = str(exc) if isinstance(exc, VoiceError) else "it cannot be read."
+                entry.update(source=entry["file"], usable=False, error=message)
         else:
             entry["source"] = entry.get("maps_to", name)
         return entry
@@ -1934,20 +2242,49 @@ class SpeechServer:
             message = f"'{field}' is larger than {self.settings.max_upload_mb} MiB."
             raise ApiError(413, message, field, "file_too_large")
         folder = self.voices.voices_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{name}{suffix}"
-        tmp = folder / f".upload-{os.getpid()}-{threading.get_ident()}{suffix}"
-        tmp.write_bytes(data)
+        tmp = folder / f"{UPLOAD_PREFIX}{os.getpid()}-{threading.get_ident()}{suffix}"
         try:
-            self.engine.voice_state(VoiceSource("file", str(tmp), name))  # validates and caches
-            if final.exists():  # another upload of the same name finished meanwhile
-                raise taken
-            os.replace(tmp, final)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+        except OSError:
+            raise voices_dir_unwritable() from None
+        source = VoiceSource("file", str(tmp), name)
+        kept = False
+        try:
+            self.engine.voice_state(source)  # validates, and encodes the latents once
+            if self.hung_up():  # nobody is waiting for this voice: do not create it
+                raise ClientGone
+            with self.naming:  # two uploads of one name: the first to get here wins
+                if self.voices.kind_of(name) is not None:
+                    raise taken
+                os.replace(tmp, folder / f"{name}{suffix}")
+                kept = True
         except VoiceError as exc:
             raise invalid(field, str(exc)) from None
+        except OSError:
+            raise voices_dir_unwritable() from None
         finally:
+            if not kept:
+                self.forget_orphan(source)
             tmp.unlink(missing_ok=True)
         return name
+
+    def forget_orphan(self, source: VoiceSource):
+        """Drop the cached latents of an upload that was not kept, unless a voice shares them."""
+        with contextlib.suppress(OSError):
+            key = self.engine.content_key(source)
+            in_use = set()
+            for path in self.voices.custom_files().values():
+                with contextlib.suppress(OSError):
+                    in_use.add(self.engine.content_key(VoiceSource("file", str(path), path.stem)))
+            if key not in in_use:
+                self.engine.cache.forget(key)
+
+    @staticmethod
+    def hung_up() -> bool:
+        """Whether the client of the current request has closed its connection."""
+        gone = request.environ.get("waitress.client_disconnected")
+        return bool(gone and gone())
 
     def delete_voice(self, name: str):
         """DELETE /v1/voices/<name>."""
@@ -1958,7 +2295,11 @@ class SpeechServer:
         return jsonify(id=self.remove_voice(name), object="audio.voice.deleted", deleted=True)
 
     def remove_voice(self, name: str) -> str:
-        """Remove an uploaded (voices-dir) voice and its cached latents; return its id."""
+        """Remove an uploaded (voices-dir) voice and its cached latents; return its id.
+
+        The default voice and the targets of OpenAI names are in use and stay. A broken entry
+        (a dangling link, a FIFO, an empty file) is removed itself, never what it points to.
+        """
         kind = self.voices.kind_of(name)
         if kind is None:
             raise ApiError(404, f"No voice named {name!r}.", "name", "voice_not_found")
@@ -1966,10 +2307,24 @@ class SpeechServer:
             raise ApiError(
                 403, f"{name!r} is a {kind} voice and cannot be deleted.", "name", "not_deletable"
             )
-        source = self.voices.lookup(name)
-        self.engine.forget_voice(source)
-        Path(self.voices.custom_voice(name)).unlink(missing_ok=True)
-        return source.name
+        entry = self.voices.custom_voice(name)
+        in_use = {self.voices.default.name, *self.voices.voice_map.values()}
+        if entry.stem.lower() in {v.lower() for v in in_use}:
+            message = (
+                f"{entry.stem!r} is in use as this server's default voice or as the voice of an "
+                "OpenAI voice name (--default_voice, --voice_map), so it stays."
+            )
+            raise ApiError(409, message, "name", "voice_in_use")
+        with contextlib.suppress(VoiceError):
+            self.engine.forget_voice(self.voices.lookup(name))
+        try:
+            entry.unlink(missing_ok=True)
+        except IsADirectoryError:
+            message = f"{entry.name!r} is a folder, not a voice file: remove it on the server."
+            raise ApiError(409, message, "name", "not_deletable") from None
+        except OSError:
+            raise voices_dir_unwritable() from None
+        return entry.stem
 
     # -- page -------------------------------------------------------------------------------------
 
@@ -2000,9 +2355,13 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
     model = load_model(settings) if model is None else model
     cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
     fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
+    latents = cache_root / "latents" / fingerprint
+    voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
+    remove_leftovers(latents, f".*{STATE_EXTENSION}.*")  # a kill -9 mid-write leaves these
+    remove_leftovers(voices_dir, f"{UPLOAD_PREFIX}*")
     engine = Engine(
         model,
-        LatentCache(cache_root / "latents" / fingerprint, settings.voice_cache_size),
+        LatentCache(latents, settings.voice_cache_size),
         settings.workers or 1,
         settings.max_queue,
         settings.queue_timeout,
@@ -2010,7 +2369,7 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
     )
     voices = VoiceCatalog(
         builtin_voice_names(model),
-        Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices",
+        voices_dir,
         settings.default_voice,
         model_language(model),
         load_voice_map(settings.voice_map),
@@ -2030,25 +2389,98 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, VoiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import waitress
-
+    http = http_server(server.app, settings)
     logger.info(
         "serving %s on http://%s:%d/ (device %s, streaming by default: %s)",
         settings.model_path,
         settings.host,
-        settings.port,
+        http.effective_port,
         server.device,
         settings.stream,
     )
-    waitress.serve(
-        server.app,
-        host=settings.host,
-        port=settings.port,
-        threads=settings.workers + settings.max_queue + 8,  # queued requests wait on a thread
-        channel_request_lookahead=1,  # keep reading sockets, so hang-ups are seen at once
-        ident=None,
-    )
+    signal.signal(signal.SIGTERM, lambda *_: drain_then_exit(http, server, settings.drain_seconds))
+    with contextlib.suppress(KeyboardInterrupt):
+        http.run()
     return 0
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's own refusals (a body over the limit, a malformed request) as OpenAI errors."""
+
+    def execute(self):
+        error = self.request.error
+        body = json.dumps({"error": {"message": f"{error.reason}: {error.body}",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": error.reason.lower().replace(" ", "_")}})  # fmt: skip
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body.encode())
+
+
+class JsonErrorChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
+def http_server(app, settings: Settings, **overrides):
+    """waitress serving `app`, every limit set deliberately.
+
+    Reading requests is asynchronous, so idle and slow clients hold a connection but no thread:
+    `max_connections` bounds them and `idle_timeout` closes the idle ones. Bodies over the
+    largest upload are refused from their headers, before they are read.
+    """
+    import waitress.server
+
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "threads": settings.workers + settings.max_queue + 8,  # queued requests wait on a thread
+        "channel_request_lookahead": 1,  # keep reading sockets, so hang-ups are seen at once
+        "connection_limit": settings.max_connections,
+        "channel_timeout": settings.idle_timeout,
+        "cleanup_interval": max(1, min(30, settings.idle_timeout // 2)),
+        "backlog": 1024,
+        "max_request_header_size": 64 * 1024,
+        "max_request_body_size": max_body_bytes(settings),
+        "ident": None,
+    } | overrides
+    raise_open_files_limit(settings.max_connections + 64)
+    server = waitress.server.create_server(app, **options)
+    server.channel_class = JsonErrorChannel
+    return server
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest request body: an upload (or a JSON body), plus multipart overhead."""
+    return max(settings.max_upload_mb * 1024, settings.max_body_kb) * 1024 + 64 * 1024
+
+
+def raise_open_files_limit(wanted: int):
+    """Each connection is a file descriptor: raise the soft limit where it is lower."""
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def drain_then_exit(http, server: SpeechServer, seconds: float):
+    """SIGTERM: take no new connections, let running streams finish (bounded), then exit."""
+    logger.info("SIGTERM: finishing %d running requests (at most %.0f s)",
+                server.engine.active + server.engine.waiting, seconds)  # fmt: skip
+    http.accepting = False  # waitress stops accepting; open connections keep being served
+
+    def wait_and_stop():
+        deadline = time.monotonic() + seconds
+        while server.engine.active + server.engine.waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the last bytes leave
+        _thread.interrupt_main()
+
+    threading.Thread(target=wait_and_stop, daemon=True).start()
 
 
 # =================================================================================================

@@ -270,11 +270,9 @@ def expected_seconds(model: StubModel, engine: srv.Engine, text: str) -> float:
 class LiveServer:
     """The application served by waitress on a free loopback port, in a background thread."""
 
-    def __init__(self, app, **adjustments):
-        import waitress.server
-
-        adjustments.setdefault("channel_request_lookahead", 1)  # as main() serves
-        self.server = waitress.server.create_server(app, host="127.0.0.1", port=0, **adjustments)
+    def __init__(self, app, settings: srv.Settings | None = None, **adjustments):
+        settings = settings or srv.Settings(port=0)
+        self.server = srv.http_server(app, settings, port=0, **adjustments)  # as main() serves
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -737,14 +735,36 @@ class TestTextNormalization:
 
     @pytest.mark.parametrize(
         "attack",
-        ["<a " * 1365, "<break " * 585, "[pause:" * 585, "<break time=" * 340,
+        ["# a" + " " * 4091 + "b", "\t" * 4096, "\n" * 4096, " \n" * 2048, "*" * 4096, "_" * 4096,
+         "*a " * 1365, "_a " * 1365, "**a " * 1024, "**" + "a " * 2047, "[" * 4096, "![" * 2048,
+         "[a](" * 1024, "- " * 2048 + "x", "1" * 4096, "1," * 2048, "1." * 2048, "123 " * 1024,
+         "1\u00a0" * 2048, "0." + "7" * 4094, "3 May " * 682, "May 3 " * 682, "10:30 " * 682,
+         "$1," * 1365, "1%" * 2048, "-1" * 2048, "1°" * 2048, "1st " * 1024, "1999 " * 819,
+         "<a " * 1365, "<break " * 585, "[pause:" * 585, "<break time=" * 340,
          "[pause:1" + " " * 4088, "<" + "a" * 4095, "<a" + " " * 4094, "<break/>" * 512],
         ids=lambda attack: f"{attack[:12]!r}x{len(attack)}",
     )  # fmt: skip
-    def test_markup_patterns_are_linear(self, attack):
+    @pytest.mark.parametrize("language", ["english", "german"])
+    def test_every_pattern_is_linear_on_pathological_input(self, attack, language):
+        """Issue #9: "# a" + 4091 spaces + "b" took 168 s in the old header pattern."""
         t0 = time.perf_counter()
-        srv.speech_script(attack[:4096])
+        srv.speech_script(attack[:4096], language)
         assert time.perf_counter() - t0 < 0.1
+
+    @pytest.mark.parametrize(
+        "language,raw,spoken",
+        [("english", "Pick 1,2,3.", "Pick one, two, three."),
+         ("english", "Draw: 4,15,23", "Draw: four, fifteen, twenty-three"),
+         ("english", "Version 1.2.3", "Version one point two point three"),
+         ("english", "$" + "1," * 29 + "1", "one" + ", one" * 29 + " dollars"),
+         ("german", "€1,12345", "eins Komma eins zwei drei vier fünf Euro"),
+         ("french", "1,12345 €", "un virgule un deux trois quatre cinq euros"),
+         ("english", "1" * 20, " ".join(["one"] * 20)),
+         ("english", "It costs $12.999.", "It costs twelve point nine nine nine dollars."),
+         ("english", "0." + "7" * 30, "zero point" + " seven" * 30)],
+    )  # fmt: skip
+    def test_numbers_that_used_to_be_misread(self, language, raw, spoken):
+        assert srv.normalize_text(raw, language) == spoken
 
     def test_server_normalizes_in_the_model_language(self, tokenizer_path):
         stub = StubModel(tokenizer_path, origin=CONFIGS_DIR / "french.yaml")
@@ -841,26 +861,16 @@ class TestVoiceLibrary:
         with pytest.raises(srv.VoiceError, match="voice_map"):
             make_server(stub, voice_map=str(mapping))
 
-    def test_remote_urls_are_refused_unless_allowed(self, stub, reference):
-        import functools
-        import http.server
-
-        handler = functools.partial(
-            http.server.SimpleHTTPRequestHandler, directory=str(reference.parent)
+    def test_remote_urls_are_refused_unless_allowed(self, stub, reference, web, monkeypatch):
+        url = web.serve(reference)
+        err = assert_openai_error(
+            speech(make_server(stub).app.test_client(), voice=url), 400, "voice"
         )
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/{reference.name}"
-        try:
-            err = assert_openai_error(
-                speech(make_server(stub).app.test_client(), voice=url), 400, "voice"
-            )
-            assert "--allow_remote_voices" in err["message"]
-            client = make_server(stub, allow_remote_voices=True).app.test_client()
-            assert abs(spoken_freq(client, voice=url) - 250) < 5
-            assert_openai_error(speech(client, voice=url + ".missing"), 400, "voice")
-        finally:
-            httpd.shutdown()
+        assert "--allow_remote_voices" in err["message"]
+        client = make_server(stub, allow_remote_voices=True).app.test_client()
+        monkeypatch.setattr(srv, "is_public_address", lambda ip: True)  # this test's web is local
+        assert abs(spoken_freq(client, voice=url) - 250) < 5
+        assert_openai_error(speech(client, voice=url + ".missing"), 400, "voice")
 
     def test_long_references_are_truncated_to_30_seconds(self, stub, tmp_path, prompt_shapes):
         ref = write_audio(tmp_path / "long.flac", tone(260, 45.0, 48000), 48000)
@@ -1155,7 +1165,7 @@ class TestLiveHttp:
         with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1]))) as sock:
             body = json.dumps({"input": long_text, "response_format": "pcm", "stream": True})
             sock.sendall(
-                f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
             )
             assert sock.recv(4096)
@@ -1527,7 +1537,7 @@ def raw_request(url: str, body: dict) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
     data = json.dumps(body)
     sock.sendall(
-        f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n\r\n{data}".encode()
     )
     return sock
