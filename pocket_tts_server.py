@@ -803,13 +803,14 @@ class RemoteVoices:
             path = parts.path or "/"
             conn.request("GET", f"{path}?{parts.query}" if parts.query else path,
                          headers={"User-Agent": SERVER_NAME, **headers})  # fmt: skip
+            sock = conn.sock  # the response reads from it after the connection lets go of it
             response = conn.getresponse()
             data = bytearray()
             while response.status == 200:
                 left = end - time.monotonic()
                 if left <= 0 or len(data) > self.max_bytes:
                     raise ValueError("too slow or too large")
-                conn.sock.settimeout(left)
+                sock.settimeout(left)
                 piece = response.read1(65536)
                 if not piece:
                     break

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1543,6 +1544,11 @@ def raw_request(url: str, body: dict) -> socket.socket:
     return sock
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for(predicate, timeout=5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1793,6 +1799,16 @@ SPEECH_BODIES = (
 )
 
 
+REPEATED_UNITS = ["# ", " ", "\t", "\n", "*", "_", "**a ", "*a ", "[", "![", "[a](", "1,", "1.",
+                  "1 ", "9", "3 May ", "May 3 ", "10:30 ", "$1,", "1%", "-1", "1°", "<a ", "<break ",
+                  "[pause:", "\ufdfa", "\U0001f600", "& ", "- ", "> ", "0.7", "\u00a0", "#"]  # fmt: skip
+PATHOLOGICAL_TEXT = st.builds(
+    lambda units, count: ("".join(units) * count)[:4096],
+    st.lists(st.sampled_from(REPEATED_UNITS), min_size=1, max_size=3),
+    st.integers(min_value=1, max_value=4096),
+)
+
+
 class TestFuzz:
     """Thousands of random and malformed requests: only 2xx or 4xx JSON, never a crash."""
 
@@ -1859,6 +1875,18 @@ class TestFuzz:
         form = {"name": name, "file": (io.BytesIO(data), filename or "x")}
         self.check(fuzz_client.post("/v1/voices", data=form, content_type="multipart/form-data"))
 
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=PATHOLOGICAL_TEXT)
+    def test_pathological_repetitions(self, fuzz_client, text):
+        """Repeated units that make backtracking patterns or number readers blow up (#9)."""
+        t0 = time.perf_counter()
+        srv.speech_script(text)
+        assert time.perf_counter() - t0 < 0.2
+        r = fuzz_client.post("/v1/audio/speech", json={"input": text, "stream": True})
+        assert r.status_code in (200, 400), r.get_data(as_text=True)[:300]
+        assert r.status_code == 200 or set(r.get_json()["error"]) >= {"message", "param"}
+        r.close()  # a started stream is enough: closing it stops generation
+
     def test_a_normal_request_succeeds_afterwards(self, fuzz_client):
         r = fuzz_client.post(
             "/v1/audio/speech", json={"input": "Hello world.", "response_format": "wav"}
@@ -1902,6 +1930,431 @@ class TestLoad:
         assert len(outcomes) == 64
         assert all(ok for _, ok, _ in outcomes), [o for o in outcomes if not o[1]]
         assert sum(status == 200 for status, _, _ in outcomes) >= 16
+
+
+# =================================================================================================
+# Hardening, round 2: every attack of issue #9, replayed
+# =================================================================================================
+
+
+class Web:
+    """A small HTTP server on loopback for remote-voice tests, counting what it serves."""
+
+    def __init__(self):
+        import http.server
+
+        self.files: dict[str, bytes] = {}
+        self.statuses: list[int] = []
+        self.slow = False
+        web = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/redirect":
+                    return self.reply(302, b"", {"Location": "/ref.wav"})
+                data = web.files.get(self.path)
+                if data is None:
+                    return self.reply(404, b"missing")
+                if self.headers.get("If-None-Match") == '"v1"':
+                    return self.reply(304, b"")
+                if web.slow:  # one byte every 0.3 s, for at most 10 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    web.statuses.append(200)
+                    with contextlib.suppress(OSError):
+                        for byte in data[:33]:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.3)
+                    return None
+                return self.reply(200, data, {"ETag": '"v1"'})
+
+            def reply(self, status, body, headers=None):
+                web.statuses.append(status)
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path: Path) -> str:
+        self.files[f"/{path.name}"] = path.read_bytes()
+        return f"{self.base}/{path.name}"
+
+
+@pytest.fixture
+def web():
+    server = Web()
+    yield server
+    server.httpd.shutdown()
+
+
+@pytest.fixture
+def narrator(stub, voices_dir):
+    """A server whose default voice is a voices-dir voice, also the target of 'nova'."""
+    write_audio(voices_dir / "narrator.wav", tone(330, 2.0))
+    write_audio(voices_dir / "guest.wav", tone(210, 2.0))
+    mapping = voices_dir.parent / "map.json"
+    mapping.write_text(json.dumps({"nova": "guest"}))
+    server = make_server(
+        stub, voices_dir=str(voices_dir), default_voice="narrator", voice_map=str(mapping)
+    )
+    return server.app.test_client()
+
+
+class TestAttacks:
+    def test_default_voice_and_mapped_voices_cannot_be_deleted(self, narrator, voices_dir):
+        for name in ("narrator", "guest", "NARRATOR.wav"):
+            for path in (f"/v1/voices/{name}", f"/v1/audio/voices/{name}"):
+                err = assert_openai_error(narrator.delete(path), 409, "name")
+                assert err["code"] == "voice_in_use" and "default voice" in err["message"]
+        r = upload(narrator, "narrator", wav_bytes(440))
+        assert_openai_error(r, 409, "name")  # and it cannot be hijacked by re-uploading
+        assert spoken_freq(narrator) == pytest.approx(330, abs=3)
+        assert spoken_freq(narrator, voice="nova") == pytest.approx(210, abs=3)
+
+    def test_a_vanished_default_voice_file_is_never_a_500(self, narrator, voices_dir):
+        (voices_dir / "narrator.wav").unlink()  # removed behind the server's back
+        assert spoken_freq(narrator) == pytest.approx(330, abs=3)  # its start-up state
+        (voices_dir / "guest.wav").unlink()
+        assert spoken_freq(narrator, voice="nova") == pytest.approx(330, abs=3)
+
+    def test_idle_and_slow_connections_do_not_lock_out_clients(self, server):
+        """waitress's default of 100 connections, with no header deadline, let 100 idle sockets
+        lock every client out; now 200 idle and 200 slow ones leave room."""
+        live = LiveServer(server.app, srv.Settings(port=0), threads=4)
+        port = int(live.url.rsplit(":", 1)[1])
+        socks = []
+        try:
+            for i in range(400):
+                sock = socket.create_connection(("127.0.0.1", port))
+                if i % 2:  # slowloris: a request that never ends its headers
+                    sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+                socks.append(sock)
+            t0 = time.monotonic()
+            r = post_json(live.url, {"input": "Hello.", "response_format": "wav"})
+            assert r.status_code == 200 and time.monotonic() - t0 < 3
+        finally:
+            for sock in socks:
+                sock.close()
+            live.close()
+
+    def test_idle_connections_are_closed(self, server):
+        live = LiveServer(server.app, srv.Settings(port=0, idle_timeout=1), threads=4)
+        try:
+            sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])))
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server after ~1-2 s
+        finally:
+            live.close()
+
+    def test_huge_bodies_are_refused_from_their_headers(self, stub):
+        """A 500 MB body (with a wrong key) used to be read in full before any answer."""
+        live = LiveServer(make_server(stub, api_key="k").app, srv.Settings(port=0))
+        try:
+            sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])))
+            sock.settimeout(3)
+            sock.sendall(b"POST /v1/voices HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer no"
+                         b"\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                         b"Content-Length: 524288000\r\n\r\n" + b"x" * 65536)  # fmt: skip
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):  # the server answers, then closes
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413")
+            assert json.loads(body)["error"]["code"] == "request_entity_too_large"
+            sock.close()
+        finally:
+            live.close()
+
+    def test_a_slow_reader_frees_the_worker_at_the_request_timeout(self, stub):
+        stub.frame_delay = 0.005
+        server = make_server(stub, workers=1, request_timeout=1)
+        live = LiveServer(server.app, srv.Settings(port=0), threads=6,
+                          outbuf_high_watermark=32 * 1024)  # fmt: skip
+        reader = raw_request(live.url, {"input": LONG_TEXT * 3, "response_format": "pcm",
+                                        "stream": True})  # fmt: skip
+        try:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
+            assert wait_for(lambda: server.engine.active == 1)
+            assert wait_for(lambda: server.engine.active == 0, timeout=4)
+            r = post_json(live.url, {"input": "Hi.", "response_format": "wav"})
+            assert r.status_code == 200
+        finally:
+            reader.close()
+            live.close()
+
+    @pytest.mark.parametrize(
+        "host",
+        ["localhost", "127.1", "0x7f000001", "2130706433", "[::1]", "0.0.0.0", "10.0.0.1",
+         "169.254.169.254", "[::ffff:127.0.0.1]", "192.168.1.1"],
+    )  # fmt: skip
+    def test_remote_voices_never_reach_private_addresses(self, stub, web, reference, host):
+        url = web.serve(reference).replace("127.0.0.1", host)
+        client = make_server(stub, allow_remote_voices=True).app.test_client()
+        err = assert_openai_error(speech(client, voice=url), 400, "voice")
+        assert (
+            err["message"] == "the voice URL could not be used (only public http(s) audio files)."
+        )
+        assert web.statuses == []  # not one request reached it
+
+    def test_remote_voices_follow_no_redirect(self, stub, web, reference, monkeypatch):
+        web.serve(reference)
+        monkeypatch.setattr(srv, "is_public_address", lambda ip: True)
+        client = make_server(stub, allow_remote_voices=True).app.test_client()
+        assert_openai_error(speech(client, voice=f"{web.base}/redirect"), 400, "voice")
+        assert web.statuses == [302]
+
+    def test_a_remote_download_has_one_deadline(self, stub, web, reference, monkeypatch):
+        url = web.serve(reference)
+        web.slow = True
+        monkeypatch.setattr(srv, "is_public_address", lambda ip: True)
+        server = make_server(stub, allow_remote_voices=True)
+        server.engine.remote.deadline = 1.0
+        t0 = time.monotonic()
+        assert_openai_error(speech(server.app.test_client(), voice=url), 400, "voice")
+        assert time.monotonic() - t0 < 2.5  # not 0.3 s per byte for every byte
+
+    def test_an_unchanged_remote_voice_is_not_downloaded_again(self, stub, web, reference,
+                                                               monkeypatch):  # fmt: skip
+        url = web.serve(reference)
+        monkeypatch.setattr(srv, "is_public_address", lambda ip: True)
+        client = make_server(stub, allow_remote_voices=True).app.test_client()
+        for _ in range(3):
+            assert spoken_freq(client, voice=url) == pytest.approx(250, abs=5)
+        assert web.statuses == [200, 304, 304]
+        assert stub.encodes.count("clone") == 1
+
+    @pytest.mark.parametrize("failure", ["mkdir", "safetensors"])
+    def test_an_unwritable_cache_degrades_to_memory(self, stub, tmp_path, voices_dir, caplog,
+                                                    monkeypatch, failure):  # fmt: skip
+        write_audio(voices_dir / "me.wav", tone(290, 2.0))
+        cache_dir = tmp_path / "cache"
+        if failure == "mkdir":
+            cache_dir.write_text("a file where the cache folder should be")
+        else:
+            import pocket_tts.models.model_state as model_state
+            from safetensors import SafetensorError
+
+            def full(*args, **kwargs):
+                raise SafetensorError("No space left on device")
+
+            monkeypatch.setattr(model_state, "export_model_state", full)
+        server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(cache_dir),
+                             default_voice="me")  # fmt: skip
+        client = server.app.test_client()
+        assert spoken_freq(client) == pytest.approx(290, abs=3)
+        assert upload(client, "other", wav_bytes(370)).status_code == 201
+        assert spoken_freq(client, voice="other") == pytest.approx(370, abs=3)
+        assert "keeping voice states in memory only" in caplog.text
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+    def test_json_only_as_json(self, client, content_type):
+        r = client.post("/v1/audio/speech", data=json.dumps({"input": "Hi."}),
+                        content_type=content_type)  # fmt: skip
+        assert assert_openai_error(r, 415)["code"] == "unsupported_media_type"
+        assert speech(client).status_code == 200
+        r = client.post("/v1/audio/speech", data=json.dumps({"input": "Hi."}))  # no Content-Type
+        assert r.status_code == 200
+
+    def test_cross_site_writes_are_refused(self, client, voices_dir):
+        evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+        form = {"file": (io.BytesIO(wav_bytes(300)), "x.wav"), "name": "planted"}
+        r = client.post("/v1/voices", data=form, content_type="multipart/form-data", headers=evil)
+        assert assert_openai_error(r, 403)["code"] == "cross_site_request"
+        r = client.post("/v1/audio/speech", json={"input": "Hi."}, headers={"Origin": "null"})
+        assert_openai_error(r, 403)
+        r = client.post("/v1/audio/speech", json={"input": "Hi."},
+                        headers={"Sec-Fetch-Site": "same-site"})  # fmt: skip
+        assert_openai_error(r, 403)
+        assert "planted" not in [v["id"] for v in client.get("/v1/voices").json["data"]]
+        same = {"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}  # the page itself
+        assert (
+            client.post("/v1/audio/speech", json={"input": "Hi."}, headers=same).status_code == 200
+        )
+        assert client.get("/v1/voices", headers=evil).status_code == 200  # reads stay open
+
+    def test_cors_origins_allow_a_site_and_answer_its_preflight(self, stub):
+        client = make_server(
+            stub, cors_origins="https://app.example, https://b.example"
+        ).app.test_client()
+        origin = {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}
+        r = client.options("/v1/audio/speech", headers={**origin,
+                           "Access-Control-Request-Method": "POST",
+                           "Access-Control-Request-Headers": "authorization, content-type"})  # fmt: skip
+        assert r.status_code == 204
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert {"Authorization", "Content-Type"} <= set(
+            map(str.strip, r.headers["Access-Control-Allow-Headers"].split(","))
+        )
+        r = client.post("/v1/audio/speech", json={"input": "Hi."}, headers=origin)
+        assert (
+            r.status_code == 200
+            and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        )
+        exposed = r.headers["Access-Control-Expose-Headers"]
+        assert "Retry-After" in exposed and "x-request-id" in exposed
+        r = client.options("/v1/audio/speech", headers={"Origin": "https://evil.example",
+                           "Access-Control-Request-Method": "POST"})  # fmt: skip
+        assert r.status_code == 403 and "Access-Control-Allow-Origin" not in r.headers
+
+    def test_host_is_checked_on_loopback(self, stub):
+        client = make_server(stub).app.test_client()  # bound to 127.0.0.1 by default
+        for host in ("evil.example", "evil.example:8000", "10.0.0.5"):
+            r = client.post("/v1/audio/speech", json={"input": "Hi."}, headers={"Host": host})
+            assert assert_openai_error(r, 403)["code"] == "invalid_host"
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "app.localhost"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200
+        public = make_server(stub, host="0.0.0.0").app.test_client()
+        assert public.get("/health", headers={"Host": "tts.example"}).status_code == 200
+
+    def test_symlinks_and_paths_cannot_probe_or_escape(self, stub, voices_dir, tmp_path):
+        outside = write_audio(tmp_path / "outside.wav", tone(400, 2.0))
+        (voices_dir / "link.wav").symlink_to(outside)
+        (tmp_path / "folder.wav").mkdir()
+        (tmp_path / "notes.txt").write_text("secret")
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        messages = set()
+        for voice in (str(voices_dir / "link.wav"), "link", str(tmp_path / "missing.wav"),
+                      str(tmp_path / "folder.wav"), str(tmp_path / "notes.txt"), "/etc/passwd",
+                      str(tmp_path / "a\x00b.wav")):  # fmt: skip
+            err = assert_openai_error(speech(client, voice=voice), 400, "voice")
+            messages.add(err["message"].split("'")[2])  # the text after the quoted name
+        assert len(messages) == 1  # exists, folder, not audio, outside: all read the same
+
+    @pytest.mark.parametrize(
+        "body",
+        [{"input": "Hi.", "voice": "/tmp/a\x00b.wav"},
+         {"input": "\ud800 hi"},
+         {"input": "hi", "voice": "\udfff"},
+         {"input": "$" + "1," * 30 + "1"},
+         {"input": "9" * 4096},
+         {"input": "0." + "7" * 4094}],
+        ids=["nul-path", "surrogate-input", "surrogate-voice", "dollar-ones", "4096-digits",
+             "long-fraction"],
+    )  # fmt: skip
+    def test_inputs_that_used_to_be_500s(self, client, body):
+        r = client.post("/v1/audio/speech", json=body)
+        assert r.status_code in (200, 400), r.data[:300]
+        if r.status_code == 400:
+            assert set(r.json["error"]) == {"message", "type", "param", "code"}
+
+    def test_deeply_nested_json_is_a_400(self, client):
+        r = client.post("/v1/audio/speech", data="[" * 100_000, content_type="application/json")
+        assert assert_openai_error(r, 400)["code"] == "invalid_json"
+
+    def test_amplifying_input_is_refused_quickly(self, client):
+        t0 = time.monotonic()
+        err = assert_openai_error(speech(client, input="\ufdfa" * 4096), 400, "input")
+        assert err["code"] == "string_above_max_length" and time.monotonic() - t0 < 1
+
+    def test_a_float_wav_far_out_of_range_clones(self, client, tmp_path):
+        path = tmp_path / "loud.wav"
+        write_audio(path, tone(300, 2.0) * 1e30, codec="pcm_f32le")
+        assert upload(client, "loud", path.read_bytes(), "loud.wav").status_code == 201
+        assert spoken_freq(client, voice="loud") == pytest.approx(300, abs=3)
+
+    def test_broken_voices_dir_entries_are_never_a_500(self, stub, voices_dir, tmp_path):
+        (voices_dir / "escape.wav").symlink_to(write_audio(tmp_path / "o.wav", tone(200, 1.0)))
+        os.mkfifo(voices_dir / "pipe.wav")
+        (voices_dir / "folder.wav").mkdir()
+        (voices_dir / "empty.wav").write_bytes(b"")
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        for name in ("escape", "pipe", "folder", "empty"):
+            r = client.get(f"/v1/voices/{name}")
+            assert r.status_code == 200 and r.json["usable"] is False and r.json["error"]
+            assert_openai_error(speech(client, voice=name), 400, "voice")
+        for name in ("escape", "pipe", "empty"):
+            assert client.delete(f"/v1/voices/{name}").status_code == 200
+            assert not (voices_dir / f"{name}.wav").exists()
+        assert (tmp_path / "o.wav").exists()  # the link went, not what it pointed to
+        assert (
+            assert_openai_error(client.delete("/v1/voices/folder"), 409, "name")["code"]
+            == "not_deletable"
+        )
+
+    def test_a_read_only_voices_dir_is_a_clear_403(self, stub, voices_dir, tmp_path, monkeypatch):
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file where the folder should be")
+        client = make_server(stub, voices_dir=str(blocked)).app.test_client()
+        err = assert_openai_error(upload(client, "x", wav_bytes(300)), 403)
+        assert err["code"] == "voices_dir_not_writable"
+        write_audio(voices_dir / "kept.wav", tone(300, 1.0))
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+
+        def read_only(self, missing_ok=False):
+            raise PermissionError(13, "Read-only file system")
+
+        monkeypatch.setattr(Path, "unlink", read_only)
+        err = assert_openai_error(client.delete("/v1/voices/kept"), 403)
+        assert err["code"] == "voices_dir_not_writable"
+
+    def test_leftovers_of_a_kill_are_removed_at_start(self, stub, voices_dir, tmp_path):
+        dead = 2**22 + 12345  # no such process
+        (voices_dir / f".upload-{dead}-7.wav").write_bytes(b"half")
+        live_upload = voices_dir / f".upload-{os.getpid()}-7.wav"
+        live_upload.write_bytes(b"in progress")
+        server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
+        latents = server.engine.cache.folder
+        latents.mkdir(parents=True)
+        half = latents / f".{'a' * 64}.safetensors.{dead}.9"
+        half.write_bytes(b"half")
+        make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
+        assert not half.exists() and not (voices_dir / f".upload-{dead}-7.wav").exists()
+        assert live_upload.exists()  # another running server's upload is left alone
+
+    def test_concurrent_same_name_uploads_leave_one_voice_and_no_orphan(self, stub, voices_dir,
+                                                                         tmp_path):  # fmt: skip
+        server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
+        latents = server.engine.cache.folder
+        latents.mkdir(parents=True)
+        before = set(latents.iterdir())
+        results = []
+
+        def send(freq):
+            client = server.app.test_client()
+            results.append(upload(client, "twin", wav_bytes(freq, tmp=tmp_path)).status_code)
+
+        threads = [threading.Thread(target=send, args=(f,)) for f in (250, 350, 450, 550)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert sorted(results) == [201, 409, 409, 409]
+        assert len(set(latents.iterdir()) - before) == 1  # only the winner's latents remain
+        assert [p.name for p in voices_dir.iterdir()] == ["twin.wav"]
+
+    def test_an_upload_whose_client_hung_up_creates_no_voice(self, stub, voices_dir):
+        server = make_server(stub, voices_dir=str(voices_dir))
+        client = server.app.test_client()
+        form = {"file": (io.BytesIO(wav_bytes(300)), "x.wav"), "name": "ghost"}
+        r = client.post("/v1/voices", data=form, content_type="multipart/form-data",
+                        environ_base={"waitress.client_disconnected": lambda: True})  # fmt: skip
+        assert r.status_code == 400 and r.json["error"]["code"] == "client_closed"
+        assert not any(voices_dir.iterdir())
+
+    def test_health_names_no_server_path(self, stub, tmp_path):
+        config = tmp_path / "secret-place" / "model.yaml"
+        server = srv.SpeechServer(srv.Settings(model_path=str(config)), make_server(stub).engine,
+                                  make_server(stub).voices)  # fmt: skip
+        body = server.app.test_client().get("/health").get_data(as_text=True)
+        assert "secret-place" not in body and "model.yaml" in body
+
+    def test_api_key_from_a_file(self, tmp_path):
+        key = tmp_path / "key"
+        key.write_text("s3cret\n")
+        s = srv.parse_settings(["--api_key_file", str(key)], environ={})
+        assert s.api_key == "s3cret"
+        s = srv.parse_settings([], environ={"POCKET_TTS_API_KEY": "from-env"})
+        assert s.api_key == "from-env"
 
 
 # =================================================================================================
@@ -2059,6 +2512,34 @@ class TestRealModel:
         for text, r in zip(texts, results, strict=True):
             assert r.status_code == 200
             assert abs(duration(r.content) - self.library_seconds(real.model, text)) < 1e-3
+
+    def test_sigterm_lets_running_streams_finish(self, real, tmp_path, tokenizer_path):
+        """Issue #9: SIGTERM used to cut streams mid-body; now they finish, then it exits."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = random_weight_config(tmp_path, tokenizer_path)
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "pocket_tts_server.py"), "--model_path", str(config),
+             "--port", str(port), "--default_voice", str(real.server.voices.default.ref),
+             "--cache_dir", str(tmp_path / "cache"), "--voices_dir", str(tmp_path / "voices")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            assert wait_for(lambda: proc.poll() is not None or port_open(port), timeout=60)
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            text = " ".join(CORPUS)
+            with requests.post(f"{url}/v1/audio/speech", stream=True, timeout=60,
+                               json={"input": text, "response_format": "wav", "stream": True}) as r:  # fmt: skip
+                parts = r.iter_content(chunk_size=None)
+                data = next(parts)
+                proc.send_signal(signal.SIGTERM)
+                data += b"".join(parts)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            proc.kill()
+        assert abs(duration(data) - self.library_seconds(real.model, text)) < 1e-3
 
     @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
     def test_openai_sdk(self, real, speed):
