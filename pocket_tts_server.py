@@ -25,7 +25,9 @@ from __future__ import annotations
 import _thread
 import argparse
 import base64
+import concurrent.futures
 import contextlib
+import copy
 import fractions
 import functools
 import hashlib
@@ -36,7 +38,9 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -88,7 +92,8 @@ class Settings:
     api_key_file: str | None = None
     cors_origins: str | None = None
     max_input_chars: int = 4096
-    workers: int = 0  # 0: one per two CPU cores
+    max_batch: int = 0  # 0: by device
+    workers: int = 0  # deprecated alias of max_batch
     max_queue: int = 16
     queue_timeout: float = 60.0
     request_timeout: float = 600.0
@@ -123,7 +128,9 @@ FLAG_HELP = {
     "cors_origins": "comma-separated browser origins allowed to call the API from other sites "
     "(e.g. https://app.example.com; * for any); others' cross-site writes are refused",
     "max_input_chars": "longest accepted `input`, in characters",
-    "workers": "syntheses that run at once (0: one per two CPU cores; each uses ~2 threads)",
+    "max_batch": "streams generated together in one batched step at most (0: 16 on CPU, 128 on "
+    "CUDA); fewer are admitted when more would not stay faster than real time",
+    "workers": "deprecated: same as --max_batch",
     "max_queue": "requests that may wait for a worker; more get 429 with Retry-After",
     "queue_timeout": "seconds a request may wait for a worker before a 503",
     "request_timeout": "seconds one synthesis may run before it is stopped",
@@ -188,8 +195,9 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             parser.error(f"--{name} must be positive")
     if settings.workers < 0 or settings.max_queue < 0 or settings.drain_seconds < 0:
         parser.error("--workers, --max_queue and --drain_seconds cannot be negative")
-    if settings.workers == 0:
-        settings.workers = max(1, (os.cpu_count() or 2) // 2)
+    if settings.max_batch < 0:
+        parser.error("--max_batch cannot be negative")
+    settings.max_batch = settings.max_batch or settings.workers
     if settings.api_key_file:
         try:
             settings.api_key = Path(settings.api_key_file).read_text(encoding="utf-8").strip()
@@ -1080,7 +1088,456 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
+ADMISSION_HEADROOM = 1.25  # admit a stream while the batch would still run 1.25x real time
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
+
+
+# -- pocket-tts internals ---------------------------------------------------------------------
+# pocket-tts has no batch API: its attention keeps one write offset per batch, so streams that
+# started at different times cannot share a step through it. The functions below run the same
+# layers with a KV region per stream (its own positions, exactly as if it ran alone) and one
+# batched matrix product per layer for all streams. They are every place this file relies on
+# pocket-tts's internals (pinned: pocket-tts==4.0.1); `check_internals` names what is missing.
+
+INTERNALS = {
+    "TTSModel": ("flow_lm", "mimi", "temp", "sampler_decode_steps", "noise_clamp",
+                 "eos_threshold", "model_recommended_frames_after_eos", "_estimate_max_gen_len",
+                 "_run_flow_lm_and_increment_step", "_expand_kv_cache", "_MIN_FRAMES_BEFORE_EOS"),
+    "FlowLMModel": ("transformer", "input_linear", "out_norm", "z_proj", "out_eos", "flow_net",
+                    "flow_type", "bos_emb", "emb_std", "emb_mean", "ldim", "conditioner"),
+    "StreamingTransformerLayer": ("self_attn", "norm1", "layer_scale_1", "_ff_block"),
+    "StreamingMultiheadAttention": ("in_proj", "out_proj", "num_heads", "num_kv_heads",
+                                    "dim_per_head", "attn_dim", "context", "rope"),
+    "MimiModel": ("quantizer", "_to_encoder_framerate", "decoder_transformer", "decoder",
+                  "frame_rate", "encoder_frame_rate"),
+    "ProjectedTransformer": ("input_proj", "transformer", "output_projs"),
+}  # fmt: skip
+
+
+def check_internals(model) -> list[str]:
+    """The pocket-tts internals the batched engine needs that `model` lacks ("Class.name")."""
+    objects = {"TTSModel": [model]}
+    with contextlib.suppress(AttributeError, IndexError, TypeError):
+        objects["FlowLMModel"] = [model.flow_lm]
+        layers = [*model.flow_lm.transformer.layers,
+                  *model.mimi.decoder_transformer.transformer.layers]  # fmt: skip
+        objects["StreamingTransformerLayer"] = layers
+        objects["StreamingMultiheadAttention"] = [layer.self_attn for layer in layers]
+        objects["MimiModel"] = [model.mimi]
+        objects["ProjectedTransformer"] = [model.mimi.decoder_transformer]
+    missing = [kind for kind in INTERNALS if kind not in objects]
+    for kind, names in INTERNALS.items():
+        for obj in objects.get(kind, []):
+            missing += [f"{kind}.{n}" for n in names if not hasattr(obj, n)]
+    return sorted(set(missing))
+
+
+def rope_rows(x, positions, max_period: float):
+    """pocket-tts's rotary embedding, a position per stream: x [B, T, H, D], positions [B, T]."""
+    import torch
+
+    b, t, h, d = x.shape
+    freqs = torch.exp(torch.arange(d // 2, device=x.device, dtype=torch.float32)
+                      * (-math.log(max_period) * 2 / d))  # fmt: skip
+    angles = positions.to(torch.float32)[:, :, None, None] * freqs  # [B, T, 1, D/2]
+    pairs = x.view(b, t, h, d // 2, 2)
+    real, imag = pairs[..., 0].float(), pairs[..., 1].float()
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.to(x.dtype).view(b, t, h, d)
+
+
+def attend(attn, x, keys, values, starts):
+    """One attention layer for streams with their own KV regions.
+
+    x: [B, T, E]; keys/values: [B, L, H_kv, D], one region per stream; starts: [B] long, the
+    position of x[:, 0] in each stream. Writes this step's keys and values into the regions.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, t, _ = x.shape
+    d = attn.dim_per_head
+    projected = attn.in_proj(x)
+    q = projected[..., : attn.attn_dim].view(b, t, attn.num_heads, d)
+    k, v = projected[..., attn.attn_dim :].view(b, t, 2, attn.num_kv_heads, d).unbind(dim=2)
+    positions = starts[:, None] + torch.arange(t, device=x.device)  # [B, T]
+    q = rope_rows(q, positions, attn.rope.max_period)
+    k = rope_rows(k, positions, attn.rope.max_period)
+    rows = torch.arange(b, device=x.device)[:, None]
+    keys[rows, positions] = k.to(keys.dtype)
+    values[rows, positions] = v.to(values.dtype)
+    span = int(starts.max()) + t  # regions are used up to the longest stream
+    k_all, v_all = keys[:, :span].transpose(1, 2), values[:, :span].transpose(1, 2)
+    if attn.num_kv_heads != attn.num_heads:
+        k_all = k_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+        v_all = v_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+    delta = positions[:, :, None] - torch.arange(span, device=x.device)  # [B, T, span]
+    mask = delta >= 0
+    if attn.context is not None:
+        mask &= delta < attn.context
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask[:, None])
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, attn.attn_dim))
+
+
+def run_layers(transformer, x, regions, starts):
+    """A StreamingTransformer's layers over streams with KV regions ([(keys, values)] by layer)."""
+    for layer, (keys, values) in zip(transformer.layers, regions, strict=True):
+        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts)
+        x = x.to(update) + layer.layer_scale_1(update)
+        x = layer._ff_block(x)
+    return x
+
+
+def flow_step(model, latents, regions, starts, generators):
+    """One FlowLM step for every stream: next latents [B, 1, ldim] and EOS flags [B]."""
+    import torch
+    from pocket_tts.models import flow_lm as flow_module
+
+    lm = model.flow_lm
+    sequence = torch.where(torch.isnan(latents), lm.bos_emb, latents)
+    hidden = run_layers(lm.transformer, lm.input_linear(sequence), regions, starts)
+    if lm.out_norm:
+        hidden = lm.out_norm(hidden)
+    if lm.z_proj is not None:
+        hidden = lm.z_proj(hidden)
+    hidden = hidden.to(torch.float32)[:, -1]
+    eos = (lm.out_eos(hidden) > model.eos_threshold).view(-1)
+    std = model.temp**0.5
+    noise = torch.stack([stream_noise(lm.ldim, std, model.noise_clamp, g) for g in generators])
+    decode = {"lsd": flow_module.lsd_decode, "flow_matching": flow_module.ot_decode,
+              "drifting": flow_module.drifting_decode,
+              "pointwise": flow_module.pointwise_decode}[lm.flow_type]  # fmt: skip
+    flow = functools.partial(lm.flow_net, hidden)
+    return decode(flow, noise.to(hidden), model.sampler_decode_steps)[:, None, :], eos
+
+
+def stream_noise(size: int, std: float, clamp: float | None, generator):
+    """A stream's own sampling noise: the same whatever else shares its step."""
+    import torch
+
+    noise = torch.empty(size)
+    if clamp is None:
+        return noise.normal_(0.0, std, generator=generator)
+    return torch.nn.init.trunc_normal_(noise, 0.0, std, -clamp, clamp, generator=generator)
+
+
+def mimi_step(model, latents, state, regions, starts):
+    """Mimi decodes one latent per stream: audio [B, samples]; `state` holds the conv states."""
+    lm, mimi = model.flow_lm, model.mimi
+    x = mimi.quantizer((latents * lm.emb_std + lm.emb_mean).transpose(-1, -2))
+    x = mimi._to_encoder_framerate(x, state)
+    projected = mimi.decoder_transformer
+    x = x.transpose(1, 2)
+    if projected.input_proj is not None:
+        x = projected.input_proj(x)
+    x = run_layers(projected.transformer, x, regions, starts)
+    x = projected.output_projs[0](x).transpose(1, 2)
+    return mimi.decoder(x, state)[:, 0]
+
+
+def prefill(model, voice_state, tokens):
+    """A stream's prefix, computed by pocket-tts itself: the voice prompt, then the text.
+
+    Returns each FlowLM layer's keys and values ([P, H, D] each) and the prefix length P.
+    """
+    state = copy.deepcopy(voice_state)
+    length = next(s["offset"] for s in state.values() if "offset" in s).view(-1)[0]
+    length = int(length) + tokens.shape[1]
+    model._expand_kv_cache(state, sequence_length=length)
+    model._run_flow_lm_and_increment_step(model_state=state, text_tokens=tokens)
+    layers = model.flow_lm.transformer.layers
+    return [layer.self_attn.get_state(state)["cache"][:, 0, :length] for layer in layers], length
+
+
+# -- the batch scheduler ------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Sentence:
+    """One chunk of text to speak: a row of the batch from its prefill to its last frame."""
+
+    tokens: Any  # [1, N] text tokens
+    voice_state: Any
+    max_frames: int
+    frames_after_eos: int
+    generator: Any  # torch.Generator: this stream's own sampling noise
+    stop: threading.Event
+    audio: queue.Queue = field(default_factory=queue.Queue)  # float32 arrays; None when done
+    step: int = 0
+    eos_step: int | None = None
+    latent: Any = None  # the input of its next FlowLM step (NaN: begin of stream)
+    finished: bool = False
+
+
+class Regions:
+    """Per-stream KV regions of one transformer: [(keys, values)] per layer, [slots, L, H, D]."""
+
+    def __init__(self, layers, slots: int, length: int, device, dtype):
+        import torch
+
+        shapes = [(slots, length, layer.self_attn.num_kv_heads, layer.self_attn.dim_per_head)
+                  for layer in layers]  # fmt: skip
+        zeros = functools.partial(torch.zeros, device=device, dtype=dtype)
+        self.layers = [(zeros(shape), zeros(shape)) for shape in shapes]
+        self.starts = torch.zeros(slots, dtype=torch.long, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[1]
+
+    def view(self, n: int) -> tuple[list, Any]:
+        return [(k[:n], v[:n]) for k, v in self.layers], self.starts[:n]
+
+    def move(self, src: int, dst: int):
+        for k, v in self.layers:
+            k[dst], v[dst] = k[src], v[src]
+        self.starts[dst] = self.starts[src]
+
+    def grown(self, slots: int, length: int) -> Regions:
+        """A copy with room for more streams or longer ones."""
+        bigger = copy.copy(self)
+        bigger.layers = []
+        for k, v in self.layers:
+            pair = []
+            for t in (k, v):
+                new = t.new_zeros((slots, length, *t.shape[2:]))
+                new[: t.shape[0], : t.shape[1]] = t
+                pair.append(new)
+            bigger.layers.append(tuple(pair))
+        bigger.starts = self.starts.new_zeros(slots)
+        bigger.starts[: self.starts.shape[0]] = self.starts
+        return bigger
+
+
+class BatchScheduler:
+    """Owns the model: every active sentence advances by one batched step per tick.
+
+    Each tick runs one FlowLM step for all rows while Mimi decodes the previous tick's latents
+    on a second thread (pocket-tts overlaps them the same way), then sentences join (their
+    prefix computed by pocket-tts) and leave (finished, stopped) between ticks. Rows live in
+    slots 0..n-1, so a step works on views, never on copies; a leaving row's slot is refilled
+    by the last one. Per-stream KV regions keep every stream at its own positions, so a
+    stream's audio does not depend on what else is batched.
+    """
+
+    def __init__(self, model, max_batch: int):
+        import torch
+
+        self.model, self.max_batch = model, max_batch
+        self.device = next(model.flow_lm.parameters()).device
+        self.frame_seconds = 1.0 / model.config.mimi.frame_rate
+        self.mimi_steps = int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
+        self.rows: list[Sentence] = []
+        self.joining: deque[Sentence] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.flow = Regions(model.flow_lm.transformer.layers, 1, 1, self.device, torch.float32)
+        self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1, 1, self.device,
+                            torch.float32)  # fmt: skip
+        self.mimi_state = self._fresh_mimi_state(1)
+        self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
+        self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mimi")
+        self.thread = threading.Thread(target=self._run, name="batch", daemon=True)
+        self.thread.start()
+
+    # -- requests' side ---------------------------------------------------------------------------
+
+    def submit(self, sentence: Sentence):
+        with self.lock:
+            self.joining.append(sentence)
+        self.wake.set()
+
+    def headroom(self, streams: int) -> float:
+        """Real-time factor a batch of `streams` is expected to keep (>1: faster than real time)."""
+        measured = sorted(self.step_seconds.items())
+        if not measured:
+            return math.inf
+        size, seconds = min(measured, key=lambda m: abs(m[0] - streams))
+        if size < streams:  # not measured yet: assume the cost grows with the batch
+            seconds *= streams / size
+        return self.frame_seconds / seconds
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _run(self):
+        import torch
+
+        decoding = None  # (future of audio [n, samples], the rows it belongs to)
+        with torch.no_grad():
+            while True:
+                if not self.rows and decoding is None and not self.joining:
+                    self.wake.wait()
+                    self.wake.clear()
+                    continue
+                started = time.monotonic()
+                latents = eos = None
+                n = len(self.rows)
+                if n:
+                    regions, starts = self.flow.view(n)
+                    inputs = torch.cat([r.latent for r in self.rows])
+                    latents, eos = flow_step(self.model, inputs, regions, starts,
+                                             [r.generator for r in self.rows])  # fmt: skip
+                    self.flow.starts[:n] += 1
+                if decoding is not None:
+                    self._deliver(*decoding)  # Mimi ran while FlowLM stepped
+                    decoding = None
+                emitted = self._advance(latents, eos.tolist() if n else [])
+                if n:
+                    self._record(n, time.monotonic() - started)
+                self._leave(emitted)
+                emitting = len(self.rows)
+                self._join()  # before Mimi starts: joining may reallocate the slot arrays
+                decoding = self._decode(emitting) if emitting else None
+
+    def _advance(self, latents, eos: list[bool]) -> list[Sentence]:
+        """pocket-tts's stopping rule, per row; the rows whose latent is audio to decode."""
+        model, emitted = self.model, []
+        for i, row in enumerate(self.rows):
+            if row.finished:
+                continue
+            if row.stop.is_set():
+                row.finished = True
+                continue
+            step, row.step = row.step, row.step + 1
+            if eos[i] and row.eos_step is None and step >= model._MIN_FRAMES_BEFORE_EOS:
+                row.eos_step = step
+            if row.eos_step is not None and step >= row.eos_step + row.frames_after_eos:
+                row.finished = True
+                continue
+            row.latent = latents[i : i + 1]
+            emitted.append(row)
+            row.finished = row.step >= row.max_frames
+        return emitted
+
+    def _decode(self, n: int):
+        """Start Mimi on the latents of rows 0..n-1 (all emitted one this tick), on its thread."""
+        import torch
+
+        latents = torch.cat([row.latent for row in self.rows[:n]])
+        views = {name: {key: t[:n] for key, t in module.items()}
+                 for name, module in self.mimi_state.items()}  # fmt: skip
+        given = {name: dict(module) for name, module in views.items()}
+        regions, starts = self.mimi.view(n)
+
+        def decode():
+            with torch.no_grad():  # grad mode is per thread
+                audio = mimi_step(self.model, latents, views, regions, starts)
+            self.mimi.starts[:n] += self.mimi_steps
+            for name, module in views.items():  # pocket-tts replaces some state tensors
+                for key, tensor in module.items():
+                    if tensor is not given[name][key]:
+                        self.mimi_state[name][key][:n] = tensor
+            return audio.float().cpu().numpy()
+
+        return self.decoder.submit(decode), self.rows[:n]
+
+    def _deliver(self, future, rows: list[Sentence]):
+        try:
+            audio = future.result()
+        except Exception as exc:  # noqa: BLE001 - the rows' requests report it
+            logger.exception("batched decoding failed")
+            for row in rows:
+                row.finished = True
+                row.audio.put(exc)
+            return
+        for i, row in enumerate(rows):
+            if not row.stop.is_set():
+                row.audio.put(audio[i])
+
+    def _leave(self, emitted: list[Sentence]):
+        """Finished and stopped rows leave; the last row takes each freed slot.
+
+        A row that emitted its last latent this tick stays one more: Mimi still needs its slot.
+        """
+        keep = set(map(id, emitted))
+        i = 0
+        while i < len(self.rows):
+            row = self.rows[i]
+            if id(row) in keep or not row.finished:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self.flow.move(last, i)
+                self.mimi.move(last, i)
+                for module in self.mimi_state.values():
+                    for tensor in module.values():
+                        tensor[i] = tensor[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            row.audio.put(None)
+
+    def _join(self):
+        """Waiting sentences join: their prefix is computed and copied into fresh slots."""
+        import torch
+
+        while True:
+            with self.lock:
+                if not self.joining:
+                    return
+                row = self.joining.popleft()
+            if row.stop.is_set():
+                row.audio.put(None)
+                continue
+            try:
+                caches, length = prefill(self.model, row.voice_state, row.tokens)
+            except Exception as exc:  # noqa: BLE001 - reported to its request
+                row.audio.put(exc)
+                continue
+            slot = len(self.rows)
+            self._make_room(slot + 1, length + row.max_frames + 2)
+            for (keys, values), cache in zip(self.flow.layers, caches, strict=True):
+                keys[slot, :length], values[slot, :length] = cache[0], cache[1]
+            self.flow.starts[slot] = length
+            self.mimi.starts[slot] = 0
+            fresh = self._fresh_mimi_state(1)
+            for name, module in self.mimi_state.items():
+                for key, tensor in module.items():
+                    tensor[slot] = fresh[name][key][0]
+            row.latent = torch.full((1, 1, self.model.flow_lm.ldim), float("nan"),
+                                    device=self.device)  # fmt: skip
+            self.rows.append(row)
+
+    def _make_room(self, slots: int, length: int):
+        """Grow the slot arrays (doubling) and the regions' length to fit."""
+        mimi_length, capacity = self.mimi_steps * length, self.flow.slots
+        if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
+            return
+        if slots > capacity:
+            capacity = max(slots, 2 * capacity)
+        self.flow = self.flow.grown(capacity, max(length, self.flow.length))
+        self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length))
+        bigger = self._fresh_mimi_state(capacity)
+        for name, module in self.mimi_state.items():
+            for key, tensor in module.items():
+                bigger[name][key][: tensor.shape[0]] = tensor
+        self.mimi_state = bigger
+
+    def _fresh_mimi_state(self, slots: int):
+        """Mimi's convolution states for `slots` streams (its attention runs on Regions)."""
+        from pocket_tts.modules.stateful_module import init_states
+
+        state = init_states(self.model.mimi, batch_size=slots, sequence_length=1)
+        return {name: module for name, module in state.items() if "cache" not in module}
+
+    def stats(self) -> dict[str, Any]:
+        """Batch size, step time and real-time headroom, for /health."""
+        streams = len(self.rows)
+        seconds = self.step_seconds.get(streams) if streams else None
+        return {
+            "batch_size": streams,
+            "step_ms": round(seconds * 1000, 1) if seconds else None,
+            "realtime_headroom": round(self.frame_seconds / seconds, 2) if seconds else None,
+        }
+
+    def _record(self, streams: int, seconds: float):
+        old = self.step_seconds.get(streams)
+        self.step_seconds[streams] = seconds if old is None else 0.9 * old + 0.1 * seconds
 
 
 class Busy(Exception):
@@ -1096,20 +1553,21 @@ class ClientGone(Exception):
 
 
 class Engine:
-    """The only owner of the model: voice states, and audio generation on a pool of workers.
+    """The only owner of the model: voice states, admission, and audio generation.
 
-    A request first takes a worker (`acquire`): at most `workers` syntheses run at once, at most
-    `max_queue` requests wait, and the rest are told to retry (Busy). `generate` then yields
-    float32 mono numpy chunks at `sample_rate` as the model produces them, and stops early once
-    `stop` is set. Each generation has its own copy of the voice state, so concurrent ones share
-    only the (stateless) weights.
+    A request first takes a place among the streams (`acquire`): streams are admitted while the
+    batch still runs faster than real time (and at most `max_batch`), at most `max_queue`
+    requests wait, and the rest are told to retry (Busy). `generate` then yields float32 mono
+    numpy chunks at `sample_rate` as the model produces them, and stops early once `stop` is
+    set. With a pocket-tts TTSModel every stream's sentences are rows of the BatchScheduler;
+    any other model (the tests' stub) runs its own `generate_audio_stream` per request.
     """
 
     def __init__(
         self,
         model,
         cache: LatentCache | None = None,
-        workers: int = 1,
+        max_batch: int = 1,
         max_queue: int = 16,
         queue_timeout: float = 60.0,
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
@@ -1117,110 +1575,85 @@ class Engine:
         self.model = model
         if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
             model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
-        self._backlogs: dict[threading.Event, Any] = {}  # stop event -> its Mimi latent queue
-        self._track_backlogs()
+        missing = check_internals(model)
+        if missing and type(model).__name__ == "TTSModel":
+            logger.warning("pocket-tts internals changed (%s): generating one stream at a time "
+                           "per request, without batching", ", ".join(missing))  # fmt: skip
+        self.scheduler = None if missing else BatchScheduler(model, max_batch)
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.cache = cache or LatentCache(None)
         self.remote = RemoteVoices()
-        self.workers, self.max_queue, self.queue_timeout = workers, max_queue, queue_timeout
+        self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
         self.max_reference_seconds = max_reference_seconds
-        self._slots = threading.Semaphore(workers)
-        self._counts = threading.Lock()
+        self._counts = threading.Condition()
+        self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
         self.waiting = self.active = 0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
 
-    # -- pocket-tts internals ----------------------------------------------------------------------
-
-    def _track_backlogs(self):
-        """Remember each generation's queue of latents waiting for Mimi, keyed by its stop event.
-
-        pocket-tts's decoder thread drains that queue even after `stop`, so a hang-up would
-        keep a core busy decoding audio for nobody; `_drop_backlog` empties it instead.
-        """
-        original = getattr(self.model, "_generate", None)
-        if original is None:  # not a pocket-tts TTSModel (tests' stub)
-            return
-
-        def generate(**kwargs):
-            self._backlogs[kwargs["stop"]] = kwargs["latents_queue"]
-            return original(**kwargs)
-
-        self.model._generate = generate
-
-    def _drop_backlog(self, stop: threading.Event):
-        """After a stop: discard the latents not decoded yet, and end the decoder thread."""
-        import queue
-
-        backlog = self._backlogs.pop(stop, None)
-        if backlog is None or not stop.is_set():
-            return
-        with contextlib.suppress(queue.Empty):
-            while True:
-                backlog.get_nowait()
-        backlog.put(None)  # the decoder's end-of-stream marker
-
     # -- scheduling -------------------------------------------------------------------------------
 
     def acquire(self, cancelled=None):
-        """Wait in the bounded queue for a free worker; return the (idempotent) release function."""
+        """Wait in the bounded queue for a place; return the (idempotent) release function."""
+        deadline = time.monotonic() + self.queue_timeout
         with self._counts:
-            if self.waiting >= self.max_queue and self.active >= self.workers:
+            if self.waiting >= self.max_queue and not self.admits():
                 message = "The server is busy: too many requests are queued. Retry later."
                 raise Busy(429, message, self.retry_after())
             self.waiting += 1
-        deadline = time.monotonic() + self.queue_timeout
-        try:
-            while not self._slots.acquire(timeout=0.05):
-                if cancelled is not None and cancelled():
-                    raise ClientGone
-                if time.monotonic() > deadline:
-                    raise Busy(503, "No worker became free in time.", self.retry_after())
-        finally:
-            with self._counts:
+            try:
+                while not self.admits():
+                    if cancelled is not None and cancelled():
+                        raise ClientGone
+                    if time.monotonic() > deadline:
+                        raise Busy(503, "No stream became free in time.", self.retry_after())
+                    self._counts.wait(0.05)
+            finally:
                 self.waiting -= 1
-        with self._counts:
             self.active += 1
         released = threading.Event()
 
         def release():
             with self._counts:
-                if released.is_set():
-                    return
-                released.set()
-                self.active -= 1
-            self._slots.release()
+                if not released.is_set():
+                    released.set()
+                    self.active -= 1
+                    self._counts.notify_all()
 
         return release
 
-    @contextlib.contextmanager
-    def worker(self, cancelled=None):
-        """Hold a worker for a block of model work (voice encoding)."""
-        release = self.acquire(cancelled)
-        try:
-            yield
-        finally:
-            release()
+    def admits(self) -> bool:
+        """Whether one more stream fits: under max_batch and, batched, still faster than real
+        time with a margin by the step times measured so far."""
+        if self.active >= self.max_batch:
+            return False
+        if self.scheduler is None or self.active == 0:
+            return True
+        return self.scheduler.headroom(self.active + 1) >= ADMISSION_HEADROOM
 
     def retry_after(self) -> int:
         """Seconds until a queued request can expect a worker, from recent job durations."""
         walls = [wall for _, wall in list(self._recent)] or [5.0]
         per_job = sum(walls) / len(walls)
-        return max(1, min(120, math.ceil(per_job * (self.waiting + 1) / self.workers)))
+        return max(1, min(120, math.ceil(per_job * (self.waiting + 1) / max(1, self.active))))
 
     def stats(self) -> dict[str, Any]:
         """Queue and throughput numbers for /health."""
         recent = list(self._recent)
         audio, wall = sum(a for a, _ in recent), sum(w for _, w in recent)
-        return {
-            "workers": self.workers,
+        stats = {
+            "batched": self.scheduler is not None,
+            "max_batch": self.max_batch,
             "active_streams": self.active,
             "queue_depth": self.waiting,
             "max_queue": self.max_queue,
             "recent_rtf": round(audio / wall, 2) if wall > 0 else None,
         }
+        if self.scheduler is not None:
+            stats.update(self.scheduler.stats())
+        return stats
 
     # -- voices -----------------------------------------------------------------------------------
 
@@ -1230,7 +1663,7 @@ class Engine:
             key = f"builtin-{source.ref}"
             state = self.cache.get(key)
             if state is None:
-                with self.worker():
+                with self._encoding:
                     state = self.model.get_state_for_audio_prompt(source.ref)
                 self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
             return state
@@ -1295,7 +1728,7 @@ class Engine:
         if data is None:
             data = Path(source.ref).read_bytes()
         audio = decode_reference(data, self.sample_rate, self.max_reference_seconds)
-        with self.worker():
+        with self._encoding:  # on the request's thread: the batch keeps stepping meanwhile
             return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
 
     def forget_voice(self, source: VoiceSource):
@@ -1358,36 +1791,79 @@ class Engine:
 
     # -- audio ------------------------------------------------------------------------------------
 
-    def generate(self, text: str, voice_state, stop: threading.Event) -> Iterator[np.ndarray]:
+    def generate(self, text: str, voice_state, stop: threading.Event, seed: int | None = None):
         """Audio for `text` in `voice_state`, chunk by chunk, until done or `stop` is set.
 
-        The caller holds a worker (acquire) for as long as it iterates.
+        The caller holds a place (acquire) for as long as it iterates. A `seed` makes the
+        sampling noise, and so the audio, repeatable.
         """
         started, samples = time.monotonic(), 0
+        seed = secrets.randbits(62) if seed is None else seed
         try:
-            for sentence in self.split(text):
+            for index, sentence in enumerate(self.split(text)):
                 if stop.is_set():
                     return
-                for audio in self._generate_sentence(sentence, voice_state, stop):
+                chunks = self._sentence_audio(sentence, voice_state, stop, seed * 1000 + index)
+                for audio in self._faded(chunks):
                     samples += audio.size
                     yield audio
         finally:
             if samples:
                 self._recent.append((samples / self.sample_rate, time.monotonic() - started))
 
-    def speak(self, script: list, voice_state, stop: threading.Event) -> Iterator[np.ndarray]:
+    def speak(self, script: list, voice_state, stop: threading.Event, seed: int | None = None):
         """Audio for a speech_script: text through `generate`, pauses as silence."""
-        for part in script:
+        for index, part in enumerate(script):
             if stop.is_set():
                 return
             if isinstance(part, str):
-                yield from self.generate(part, voice_state, stop)
+                part_seed = None if seed is None else seed * 100 + index
+                yield from self.generate(part, voice_state, stop, part_seed)
                 continue
             total, step = round(part * self.sample_rate), self.sample_rate // 4
             for start in range(0, total, step):  # in pieces, so a stream keeps flowing
                 yield np.zeros(min(step, total - start), np.float32)
 
-    def _generate_sentence(self, sentence: str, voice_state, stop) -> Iterator[np.ndarray]:
+    def _sentence_audio(self, sentence: str, voice_state, stop, seed: int) -> Iterator[np.ndarray]:
+        """One chunk of text as float32 arrays: rows of the batch, or the model's own stream."""
+        if self.scheduler is None:
+            stream = self.model.generate_audio_stream(voice_state, sentence, stop=stop)
+            try:
+                for chunk in stream:
+                    yield chunk.detach().to("cpu").float().numpy().reshape(-1)
+            finally:
+                stream.close()
+            return
+        import torch
+        from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
+        from pocket_tts.models.text_chunking import prepare_text_prompt, split_into_best_sentences
+
+        m = self.model
+        options = (m.pad_with_spaces_for_short_inputs, m.remove_semicolons,
+                   m.append_terminal_punctuation, m.capitalize_first_letter,
+                   m.replace_characters)  # fmt: skip
+        # What pocket-tts's generate_audio_stream does with a chunk, up to its generation.
+        tokenizer = m.flow_lm.conditioner.tokenizer
+        for part in split_into_best_sentences(tokenizer, sentence, MAX_TOKEN_PER_CHUNK, *options):
+            text, frames_after_guess = prepare_text_prompt(part, *options)
+            tokens = m.flow_lm.conditioner.prepare(text)
+            frames_after = m.model_recommended_frames_after_eos
+            row = Sentence(
+                tokens=tokens,
+                voice_state=voice_state,
+                max_frames=m._estimate_max_gen_len(tokens.shape[1]),
+                frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
+                generator=torch.Generator().manual_seed(seed % 2**63),
+                stop=stop,
+            )
+            self.scheduler.submit(row)
+            while (audio := row.audio.get()) is not None:
+                if isinstance(audio, Exception):
+                    raise audio
+                yield audio
+            seed += 7919
+
+    def _faded(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks.
 
         The last FADE_OUT samples are held back until the next piece shows they are not the end;
@@ -1397,10 +1873,8 @@ class Engine:
         fade_out = int(FADE_OUT_SECONDS * self.sample_rate)
         pending = np.zeros(0, np.float32)  # held-back tail
         first = True
-        stream = self.model.generate_audio_stream(voice_state, sentence, stop=stop)
         try:
-            for chunk in stream:
-                audio = chunk.detach().to("cpu").float().numpy().reshape(-1)
+            for audio in chunks:
                 if first and audio.size:
                     audio = audio.copy()
                     n = min(fade_in, audio.size)
@@ -1412,8 +1886,7 @@ class Engine:
                     yield pending[: pending.size - keep]
                     pending = pending[pending.size - keep :]
         finally:
-            stream.close()
-            self._drop_backlog(stop)
+            chunks.close()
         if pending.size:
             yield pending * np.linspace(1.0, 0.0, pending.size, dtype=np.float32)
 
@@ -2351,6 +2824,13 @@ def user_dir(kind: str) -> Path:
     return Path(os.environ.get(env) or Path.home() / fallback) / SERVER_NAME
 
 
+def default_max_batch(model) -> int:
+    """Streams at most: batched, what a device holds; otherwise one generation per two cores."""
+    if check_internals(model):
+        return max(1, (os.cpu_count() or 2) // 2)
+    return 128 if str(getattr(model, "device", "cpu")).startswith("cuda") else 16
+
+
 def build_server(settings: Settings, model=None) -> SpeechServer:
     """Load (or take) the model, pre-encode the default voice, and assemble the application."""
     model = load_model(settings) if model is None else model
@@ -2360,10 +2840,11 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
     voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
     remove_leftovers(latents, f".*{STATE_EXTENSION}.*")  # a kill -9 mid-write leaves these
     remove_leftovers(voices_dir, f"{UPLOAD_PREFIX}*")
+    settings.max_batch = settings.max_batch or default_max_batch(model)
     engine = Engine(
         model,
         LatentCache(latents, settings.voice_cache_size),
-        settings.workers or 1,
+        settings.max_batch,
         settings.max_queue,
         settings.queue_timeout,
         settings.max_reference_seconds,
@@ -2436,7 +2917,7 @@ def http_server(app, settings: Settings, **overrides):
     options = {
         "host": settings.host,
         "port": settings.port,
-        "threads": settings.workers + settings.max_queue + 8,  # queued requests wait on a thread
+        "threads": (settings.max_batch or 16) + settings.max_queue + 8,  # waiting ones hold one
         "channel_request_lookahead": 1,  # keep reading sockets, so hang-ups are seen at once
         "connection_limit": settings.max_connections,
         "channel_timeout": settings.idle_timeout,

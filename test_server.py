@@ -1564,7 +1564,7 @@ LONG_TEXT = "This sentence is spoken many times over. " * 20
 @contextlib.contextmanager
 def busy_worker(stub, text: str = LONG_TEXT, **overrides):
     """A live one-worker server whose worker streams `text` to a client that does not read on."""
-    live = LiveServer(make_server(stub, workers=1, **overrides).app, threads=8)
+    live = LiveServer(make_server(stub, max_batch=1, **overrides).app, threads=8)
     blocker = raw_request(live.url, {"input": text, "response_format": "pcm", "stream": True})
     try:
         assert blocker.recv(4096)
@@ -1577,7 +1577,7 @@ def busy_worker(stub, text: str = LONG_TEXT, **overrides):
 class TestConcurrencyAndCancellation:
     def test_concurrent_requests_never_mix_audio(self, stub, reference):
         stub.frame_delay = 0.005
-        live = LiveServer(make_server(stub, workers=4).app, threads=8)
+        live = LiveServer(make_server(stub, max_batch=4).app, threads=8)
         voices = {"alba": 300, "marius": 400, "estelle": 500, str(reference): 250}
         results = {}
 
@@ -1612,7 +1612,7 @@ class TestConcurrencyAndCancellation:
             waiter.start()
             assert wait_for(lambda: requests.get(f"{url}/health").json()["queue_depth"] == 1)
             health = requests.get(f"{url}/health").json()
-            assert health["active_streams"] == 1 and health["workers"] == 1
+            assert health["active_streams"] == 1 and health["max_batch"] == 1
             r = post_json(url, {"input": "Hi."})
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             err = r.json()["error"]
@@ -1644,7 +1644,7 @@ class TestConcurrencyAndCancellation:
     @pytest.mark.parametrize("stream", [True, False])
     def test_abandoned_request_stops_and_frees_the_worker(self, stub, stream):
         stub.frame_delay = 0.02
-        live = LiveServer(make_server(stub, workers=1).app, threads=8)
+        live = LiveServer(make_server(stub, max_batch=1).app, threads=8)
         try:
             sock = raw_request(
                 live.url, {"input": LONG_TEXT, "response_format": "wav", "stream": stream}
@@ -1693,8 +1693,10 @@ class TestLimits:
         with pytest.raises(SystemExit):
             srv.parse_settings(argv, environ={})
 
-    def test_workers_default_from_cpu_count(self):
-        assert srv.parse_settings([], environ={}).workers == max(1, (os.cpu_count() or 2) // 2)
+    def test_workers_is_an_alias_of_max_batch(self):
+        assert srv.parse_settings(["--workers", "3"], environ={}).max_batch == 3
+        assert srv.parse_settings(["--max_batch", "5"], environ={}).max_batch == 5
+        assert srv.parse_settings([], environ={}).max_batch == 0  # chosen by device at start
 
 
 class TestHostileInput:
@@ -1898,9 +1900,9 @@ class TestLoad:
     def test_many_concurrent_clients(self, stub):
         """Loopback only, bounded in count and time: every 200 is valid audio, the rest 429 JSON."""
         stub.frame_delay = 0.002
-        server = make_server(stub, workers=2, max_queue=4)
+        server = make_server(stub, max_batch=2, max_queue=4)
         live = LiveServer(
-            server.app, threads=server.settings.workers + server.settings.max_queue + 8
+            server.app, threads=server.settings.max_batch + server.settings.max_queue + 8
         )
         text = "Hello world. This is a test."
         want = expected_seconds(stub, server.engine, text)
@@ -2079,7 +2081,7 @@ class TestAttacks:
 
     def test_a_slow_reader_frees_the_worker_at_the_request_timeout(self, stub):
         stub.frame_delay = 0.005
-        server = make_server(stub, workers=1, request_timeout=1)
+        server = make_server(stub, max_batch=1, request_timeout=1)
         live = LiveServer(server.app, srv.Settings(port=0), threads=6,
                           outbuf_high_watermark=32 * 1024)  # fmt: skip
         reader = raw_request(live.url, {"input": LONG_TEXT * 3, "response_format": "pcm",
@@ -2489,12 +2491,12 @@ class TestRealModel:
         assert len(encodes) == 1 and first is not restarted
 
     def test_concurrent_generations_on_one_model(self, real, tmp_path):
-        """Two workers share the weights; each stream keeps its own state and length."""
+        """Two streams share batched steps; each keeps its own state and length."""
         settings = srv.Settings(
             model_path="x",
             default_voice=str(real.server.voices.default.ref),
             cache_dir=str(tmp_path),
-            workers=2,
+            max_batch=2,
         )
         live = LiveServer(srv.build_server(settings, model=real.model).app, threads=6)
         texts = ["Hello world.", "This is a test of the speech server, with numbers one two three!"]
