@@ -2634,6 +2634,114 @@ class TestRealModelUnderAttack:
         assert time.process_time() - cpu < 0.1
 
 
+class TestBatching:
+    """Issue #10 on the real model: one batched step for every stream, rows joining and leaving."""
+
+    @pytest.fixture(scope="class")
+    def voices(self, real, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("batch-voices")
+        engine = real.server.engine
+        return [engine.voice_state(srv.VoiceSource("file", str(write_audio(
+                    folder / f"v{f}.wav", tone(f, 3.0))), f"v{f}")) for f in (150, 220, 310)]  # fmt: skip
+
+    @staticmethod
+    def run_all(engine, jobs) -> dict:
+        """Generate (text, voice, seed, delay) jobs at once; return each job's audio."""
+        results = {}
+
+        def run(i, text, voice, seed, delay):
+            time.sleep(delay)
+            chunks = list(engine.generate(text, voice, threading.Event(), seed=seed))
+            results[i] = np.concatenate(chunks)
+
+        threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        return results
+
+    def test_the_real_model_is_batched(self, real):
+        assert srv.check_internals(real.model) == []  # an upgrade that breaks the adapter: named
+        assert real.server.engine.scheduler is not None
+        assert requests.get(f"{real.url}/health").json()["batched"] is True
+
+    def test_check_internals_names_what_an_upgrade_removed(self, real, monkeypatch):
+        monkeypatch.delattr(type(real.model), "_expand_kv_cache")
+        monkeypatch.delattr(type(real.model.flow_lm.transformer.layers[0].self_attn), "forward")
+        assert srv.check_internals(real.model) == ["TTSModel._expand_kv_cache"]
+        monkeypatch.setattr(real.model.flow_lm, "flow_type", None, raising=False)
+        monkeypatch.delattr(real.model.flow_lm, "flow_type")
+        assert "FlowLMModel.flow_type" in srv.check_internals(real.model)
+
+    def test_a_stream_sounds_the_same_alone_and_in_a_batch_of_8(self, real, voices):
+        """Seeded noise: the same request gives the same audio, whatever shares its steps."""
+        engine = real.server.engine
+        target = (CORPUS[0], voices[0], 1234, 0.25)
+        alone = self.run_all(engine, [target])[0]
+        others = [(CORPUS[1], voices[1], 1, 0.0), (CORPUS[2], voices[2], 2, 0.05),
+                  ("Hello world.", voices[1], 3, 0.4), (" ".join(CORPUS), voices[0], 4, 0.1),
+                  ("This is a test.", voices[2], 5, 0.7), (CORPUS[0], voices[0], 6, 0.2),
+                  ("Numbers one two three!", voices[1], 7, 0.55)]  # fmt: skip
+        batched = self.run_all(engine, [target, *others])
+        assert batched[0].size == alone.size
+        assert np.abs(batched[0] - alone).max() < 1e-4 * max(1e-3, np.abs(alone).max()) + 1e-6
+        assert self.run_all(engine, [(CORPUS[0], voices[0], 99, 0)])[0].size == alone.size
+        different = self.run_all(engine, [(CORPUS[0], voices[0], 99, 0)])[0]
+        assert np.abs(different - alone).max() > 1e-3  # another seed is another performance
+
+    def test_every_stream_in_a_batch_gets_the_library_length(self, real, voices):
+        jobs = [(text, voices[i % 3], i, 0.03 * i) for i, text in enumerate(CORPUS * 3)]
+        results = self.run_all(real.server.engine, jobs)
+        for i, (text, *_rest) in enumerate(jobs):
+            want = TestRealModel.library_seconds(real.model, text)
+            assert abs(results[i].size / SR - want) < 1e-3, (i, text)
+
+    def test_a_short_request_joins_and_leaves_while_a_long_one_runs(self, real, voices):
+        """No one waits for the batch to finish: joining and leaving happen at any tick."""
+        engine, done = real.server.engine, {}
+        long_text = " ".join(CORPUS * 2)
+
+        def run(name, text):
+            for _ in engine.generate(text, voices[0], threading.Event(), seed=1):
+                done.setdefault(name + "-first", time.monotonic())
+            done[name] = time.monotonic()
+
+        long_run = threading.Thread(target=run, args=("long", long_text))
+        long_run.start()
+        assert wait_for(lambda: "long-first" in done, timeout=30)
+        run("short", "Hello world.")
+        long_run.join()
+        assert done["short"] < done["long"]
+        assert engine.scheduler.stats()["batch_size"] == 0  # everyone left
+
+    def test_admission_follows_the_measured_step_time(self, real):
+        engine = real.server.engine
+        scheduler, saved = engine.scheduler, dict(engine.scheduler.step_seconds)
+        try:
+            engine.active = 4
+            scheduler.step_seconds = {4: 0.02}  # 4 streams in 20 ms: a fifth fits easily
+            assert engine.admits()
+            scheduler.step_seconds = {4: 0.06}  # 75 ms projected for 5: too close to 80 ms
+            assert not engine.admits()
+            scheduler.step_seconds = {4: 0.06, 5: 0.061}  # measured: batching is nearly free
+            assert engine.admits()
+            engine.active = engine.max_batch
+            scheduler.step_seconds = {1: 0.001}
+            assert not engine.admits()  # --max_batch is a ceiling
+        finally:
+            engine.active, scheduler.step_seconds = 0, saved
+
+    def test_health_reports_the_batch(self, real):
+        with requests.post(f"{real.url}/v1/audio/speech", stream=True,
+                           json={"input": " ".join(CORPUS), "response_format": "pcm",
+                                 "stream": True}) as r:  # fmt: skip
+            parts = r.iter_content(chunk_size=None)
+            next(parts)
+            health = requests.get(f"{real.url}/health").json()
+            b"".join(parts)
+        assert health["batch_size"] == 1 and health["active_streams"] == 1
+        assert health["step_ms"] > 0 and health["realtime_headroom"] > 0
+
+
 # =================================================================================================
 # The page at /, in a real browser (Debian chromium driven by playwright) on the real model
 # =================================================================================================
