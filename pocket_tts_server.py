@@ -13,11 +13,15 @@ Data flows top to bottom, and so does this file:
     configuration & CLI -> model -> text -> voices -> synthesis (Engine) -> encoding (PyAV)
     -> HTTP API (Flask, served by waitress) -> main -> page
 
-The Engine is the only code that touches the model: it runs syntheses on a pool of workers
-behind a bounded queue, yields float32 audio chunks and honours a stop event (set when a client
-hangs up), so HTTP handlers and encoders never depend on how generation is scheduled. Encoders
-are incremental, so a streamed response leaves as soon as the model produces audio, in every
-format. The web page and its logo are embedded at the end, so this file copied alone still runs.
+The Engine is the only code that touches the model. Its BatchScheduler advances every active
+stream by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread),
+lets sentences join and leave at any tick, and admits streams while the batch stays faster than
+real time; requests beyond that wait in a bounded queue. Each stream keeps its own KV region and
+seeded noise, so its audio does not depend on what else is batched. The Engine yields float32
+audio chunks and honours a stop event (set when a client hangs up), so HTTP handlers and encoders
+never depend on how generation is scheduled. Encoders are incremental, so a streamed response
+leaves as soon as the model produces audio, in every format. The web page and its logo are
+embedded at the end, so this file copied alone still runs.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class Settings:
     cors_origins: str | None = None
     max_input_chars: int = 4096
     max_batch: int = 0  # 0: by device
+    realtime_margin: float = 1.25
     workers: int = 0  # deprecated alias of max_batch
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -130,6 +135,8 @@ FLAG_HELP = {
     "max_input_chars": "longest accepted `input`, in characters",
     "max_batch": "streams generated together in one batched step at most (0: 16 on CPU, 128 on "
     "CUDA); fewer are admitted when more would not stay faster than real time",
+    "realtime_margin": "admit a stream only while the batch stays this many times faster than "
+    "real time (0: admit up to --max_batch, for throughput over smooth streaming)",
     "workers": "deprecated: same as --max_batch",
     "max_queue": "requests that may wait for a worker; more get 429 with Retry-After",
     "queue_timeout": "seconds a request may wait for a worker before a 503",
@@ -195,8 +202,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
             parser.error(f"--{name} must be positive")
     if settings.workers < 0 or settings.max_queue < 0 or settings.drain_seconds < 0:
         parser.error("--workers, --max_queue and --drain_seconds cannot be negative")
-    if settings.max_batch < 0:
-        parser.error("--max_batch cannot be negative")
+    if settings.max_batch < 0 or settings.realtime_margin < 0:
+        parser.error("--max_batch and --realtime_margin cannot be negative")
     settings.max_batch = settings.max_batch or settings.workers
     if settings.api_key_file:
         try:
@@ -1088,7 +1095,10 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
-ADMISSION_HEADROOM = 1.25  # admit a stream while the batch would still run 1.25x real time
+# Until a batch size is measured, its step time is extrapolated from the nearest smaller one:
+# batched steps cost far less than one per stream (a matrix product is cheaper per row as rows
+# are added), and the estimate is replaced by the measurement after the first ticks.
+MARGINAL_STREAM_COST = 0.5
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1147,11 +1157,12 @@ def rope_rows(x, positions, max_period: float):
     return rotated.to(x.dtype).view(b, t, h, d)
 
 
-def attend(attn, x, keys, values, starts):
+def attend(attn, x, keys, values, starts, span: int):
     """One attention layer for streams with their own KV regions.
 
     x: [B, T, E]; keys/values: [B, L, H_kv, D], one region per stream; starts: [B] long, the
-    position of x[:, 0] in each stream. Writes this step's keys and values into the regions.
+    position of x[:, 0] in each stream; span: max(starts) + T (known on the host: no device sync
+    per layer). Writes this step's keys and values into the regions.
     """
     import torch
     import torch.nn.functional as F
@@ -1167,7 +1178,6 @@ def attend(attn, x, keys, values, starts):
     rows = torch.arange(b, device=x.device)[:, None]
     keys[rows, positions] = k.to(keys.dtype)
     values[rows, positions] = v.to(values.dtype)
-    span = int(starts.max()) + t  # regions are used up to the longest stream
     k_all, v_all = keys[:, :span].transpose(1, 2), values[:, :span].transpose(1, 2)
     if attn.num_kv_heads != attn.num_heads:
         k_all = k_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
@@ -1182,8 +1192,9 @@ def attend(attn, x, keys, values, starts):
 
 def run_layers(transformer, x, regions, starts):
     """A StreamingTransformer's layers over streams with KV regions ([(keys, values)] by layer)."""
+    span = int(starts.max()) + x.shape[1]  # regions are used up to the longest stream
     for layer, (keys, values) in zip(transformer.layers, regions, strict=True):
-        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts)
+        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts, span)
         x = x.to(update) + layer.layer_scale_1(update)
         x = layer._ff_block(x)
     return x
@@ -1358,8 +1369,8 @@ class BatchScheduler:
         if not measured:
             return math.inf
         size, seconds = min(measured, key=lambda m: abs(m[0] - streams))
-        if size < streams:  # not measured yet: assume the cost grows with the batch
-            seconds *= streams / size
+        if size < streams:  # not measured yet: each stream more costs half a lone stream's share
+            seconds *= 1 + MARGINAL_STREAM_COST * (streams - size) / size
         return self.frame_seconds / seconds
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1571,6 +1582,7 @@ class Engine:
         max_queue: int = 16,
         queue_timeout: float = 60.0,
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
+        realtime_margin: float = 1.25,
     ):
         self.model = model
         if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
@@ -1586,6 +1598,7 @@ class Engine:
         self.cache = cache or LatentCache(None)
         self.remote = RemoteVoices()
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
+        self.realtime_margin = realtime_margin
         self.max_reference_seconds = max_reference_seconds
         self._counts = threading.Condition()
         self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
@@ -1631,7 +1644,7 @@ class Engine:
             return False
         if self.scheduler is None or self.active == 0:
             return True
-        return self.scheduler.headroom(self.active + 1) >= ADMISSION_HEADROOM
+        return self.scheduler.headroom(self.active + 1) >= self.realtime_margin
 
     def retry_after(self) -> int:
         """Seconds until a queued request can expect a worker, from recent job durations."""
@@ -2848,6 +2861,7 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
         settings.max_queue,
         settings.queue_timeout,
         settings.max_reference_seconds,
+        settings.realtime_margin,
     )
     voices = VoiceCatalog(
         builtin_voice_names(model),

@@ -4,8 +4,10 @@ Everything runs on the real pocket-tts code: the released `english` architecture
 weights and EOS off, so every run generates exactly the same lengths. Numbers are measured in one
 run on one machine and printed as ratios; absolute timings are noisy, ratios much less so.
 
-    python bench/bench.py                       # ~4 minutes on 2 cores
+    python bench/bench.py                       # ~6 minutes on 2 cores
     python bench/bench.py --config english_2m_2026-10 --quick
+    python bench/bench.py --only concurrency    # the batching table alone
+    python bench/bench.py --only concurrency --device cuda --clients 1,8,32,64,128
 
 It prints a Markdown table (the README's "Performance" section is one such run).
 """
@@ -164,6 +166,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="english", help="packaged architecture to use")
     parser.add_argument("--quick", action="store_true", help="one repetition instead of three")
+    parser.add_argument("--only", choices=["concurrency"], help="run one section only")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--clients", default="1,2,4,8,16", help="concurrency levels")
+    parser.add_argument("--realtime_margin", type=float, default=1.25,
+                        help="the server's admission margin (0: throughput first)")  # fmt: skip
     args = parser.parse_args()
     reps = 1 if args.quick else 3
 
@@ -180,11 +187,15 @@ def main():
     )
 
     # -- the library, called directly: the reference for everything else
-    model = TTSModel.load_model(config=str(config))
+    model = TTSModel.load_model(config=str(config)).to(args.device)
     state = model.get_state_for_audio_prompt(
         torch.from_numpy(srv.decode_reference(ref.read_bytes(), 24000))[None]
     )
     library_run(model, state, "Warm up.")
+    if args.only == "concurrency":
+        concurrency(args, config, ref, tmp / "cache", model, state, reps)
+        print_table()
+        return
     lib = [library_run(model, state, TEXT) for _ in range(reps)]
     lib_first = median([r[0] for r in lib])
     lib_total = median([r[1] for r in lib])
@@ -265,32 +276,9 @@ def main():
         f"{first_use:.2f} s / {hit:.2f} s / {after_restart:.2f} s (request time, 'Hi.')",
     )
 
-    # -- concurrency: aggregate real-time factor with 1, 2, 4, 8 clients; each N-client run is
-    # compared with a one-client run just before it, as this machine's speed drifts over minutes
-    def aggregate_rtf(clients: int) -> float:
-        durations: list[float] = []
-
-        def client():
-            data = speech(url, TEXT, "pcm", True)[2]
-            durations.append(len(data) / 2 / 24000)
-
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        t0 = time.perf_counter()
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        return sum(durations) / (time.perf_counter() - t0)
-
-    row("aggregate real-time factor, 1 client", f"{aggregate_rtf(1):.2f}x")
-    for clients in (2, 4, 8):
-        single, rtf = aggregate_rtf(1), aggregate_rtf(clients)
-        row(
-            f"aggregate real-time factor, {clients} clients",
-            f"{rtf:.2f}x ({rtf / single:.2f} of one client measured just before)",
-            "(target >= 0.95 of one)" if clients == 8 else "",
-        )
-    row("server peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB")
     proc.terminate()
     proc.wait()
+    concurrency(args, config, ref, cache, model, state, reps)
 
     # -- pocket-tts's own server on the same config: POST /tts (streams a WAV)
     port = free_port()
@@ -327,9 +315,63 @@ def main():
         f"{median(firsts) * 1000:.0f} ms / {lib_total / median(totals):.3f}",
     )
 
+    print_table()
+
+
+def print_table():
     print("\n| measurement | result | target |\n| --- | --- | --- |")
     for metric, value, target in rows:
         print(f"| {metric} | {value} | {target.strip('()')} |")
+
+
+def concurrency(args, config: Path, ref: Path, cache: Path, model, state, reps: int):
+    """Streaming clients at once: aggregate and slowest real-time factor, first bytes, memory.
+
+    Each level is compared with the library's single stream measured just before it, as this
+    machine's speed drifts over minutes.
+    """
+    proc, url = start_server(config, ref, cache, "--device", args.device, "--max_queue", "256",
+                             "--realtime_margin", str(args.realtime_margin))  # fmt: skip
+    speech(url, "Warm up.", "pcm", True)
+    row("admission", f"--realtime_margin {args.realtime_margin} ({args.device})")
+
+    def run(clients: int):
+        results: list[tuple[float, float, float]] = []  # (first byte s, wall s, audio s)
+
+        def client():
+            first, total, data = speech(url, TEXT, "pcm", True)
+            results.append((first, total, len(data) / 2 / 24000))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        t0 = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        return results, time.perf_counter() - t0
+
+    targets = {1: ">= 0.97", 4: ">= 2", 8: ">= 2.5"} if args.device == "cpu" else {64: ">= 50"}
+    one_client_first = None
+    for clients in map(int, args.clients.split(",")):
+        lib = [library_run(model, state, TEXT) for _ in range(reps)]
+        lib_rtf = lib[0][2] / median([r[1] for r in lib])
+        results, wall = run(clients)
+        aggregate = sum(r[2] for r in results) / wall
+        slowest = min(r[2] / r[1] for r in results)
+        firsts = sorted(r[0] for r in results)
+        p50, p95 = firsts[len(firsts) // 2], firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))]
+        one_client_first = one_client_first or p50
+        row(f"{clients} clients: aggregate real-time factor",
+            f"{aggregate:.2f}x = {aggregate / lib_rtf:.2f} x library's one stream ({lib_rtf:.2f}x)",
+            f"(target {targets[clients]} x library)" if clients in targets else "")  # fmt: skip
+        row(f"{clients} clients: slowest client's real-time factor", f"{slowest:.2f}x",
+            "(target >= 1.0)")  # fmt: skip
+        row(f"{clients} clients: first byte p50 / p95",
+            f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms ({p50 / one_client_first:.1f} x one client)",
+            "(target p50 <= 2 x one client)" if clients == 4 else "")  # fmt: skip
+    health = requests.get(f"{url}/health", timeout=10).json()
+    row("batch step at the end", f"{health.get('step_ms')} ms, max_batch {health['max_batch']}")
+    row("server peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB")
+    proc.terminate()
+    proc.wait()
 
 
 if __name__ == "__main__":
