@@ -1250,13 +1250,17 @@ def mimi_step(model, latents, state, regions, starts):
 def prefill(model, voice_state, tokens):
     """A stream's prefix, computed by pocket-tts itself: the voice prompt, then the text.
 
-    Returns each FlowLM layer's keys and values ([P, H, D] each) and the prefix length P.
+    Returns each FlowLM layer's keys and values ([P, H, D] each) and the prefix length P. It
+    runs on the request's thread, so the batch keeps stepping while a sentence prepares to join.
     """
+    import torch
+
     state = copy.deepcopy(voice_state)
     length = next(s["offset"] for s in state.values() if "offset" in s).view(-1)[0]
     length = int(length) + tokens.shape[1]
     model._expand_kv_cache(state, sequence_length=length)
-    model._run_flow_lm_and_increment_step(model_state=state, text_tokens=tokens)
+    with torch.no_grad():
+        model._run_flow_lm_and_increment_step(model_state=state, text_tokens=tokens)
     layers = model.flow_lm.transformer.layers
     return [layer.self_attn.get_state(state)["cache"][:, 0, :length] for layer in layers], length
 
@@ -1268,8 +1272,8 @@ def prefill(model, voice_state, tokens):
 class Sentence:
     """One chunk of text to speak: a row of the batch from its prefill to its last frame."""
 
-    tokens: Any  # [1, N] text tokens
-    voice_state: Any
+    prefix: list  # FlowLM keys and values of the voice prompt and text, by layer (prefill)
+    length: int  # the prefix's length
     max_frames: int
     frames_after_eos: int
     generator: Any  # torch.Generator: this stream's own sampling noise
@@ -1385,25 +1389,40 @@ class BatchScheduler:
                     self.wake.wait()
                     self.wake.clear()
                     continue
-                started = time.monotonic()
-                latents = eos = None
-                n = len(self.rows)
-                if n:
-                    regions, starts = self.flow.view(n)
-                    inputs = torch.cat([r.latent for r in self.rows])
-                    latents, eos = flow_step(self.model, inputs, regions, starts,
-                                             [r.generator for r in self.rows])  # fmt: skip
-                    self.flow.starts[:n] += 1
-                if decoding is not None:
-                    self._deliver(*decoding)  # Mimi ran while FlowLM stepped
+                previous = decoding
+                try:
+                    decoding = self._tick(decoding)
+                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
+                    logger.exception("batched generation failed")
+                    if previous is not None:  # let Mimi finish with the slots before reuse
+                        concurrent.futures.wait([previous[0]])
                     decoding = None
-                emitted = self._advance(latents, eos.tolist() if n else [])
-                if n:
-                    self._record(n, time.monotonic() - started)
-                self._leave(emitted)
-                emitting = len(self.rows)
-                self._join()  # before Mimi starts: joining may reallocate the slot arrays
-                decoding = self._decode(emitting) if emitting else None
+                    for row in self.rows:
+                        row.audio.put(exc)
+                    self.rows.clear()
+
+    def _tick(self, decoding):
+        """One FlowLM step for every row (Mimi decodes the last tick meanwhile), then leave/join."""
+        import torch
+
+        started = time.monotonic()
+        latents = eos = None
+        n = len(self.rows)
+        if n:
+            regions, starts = self.flow.view(n)
+            inputs = torch.cat([r.latent for r in self.rows])
+            latents, eos = flow_step(self.model, inputs, regions, starts,
+                                     [r.generator for r in self.rows])  # fmt: skip
+            self.flow.starts[:n] += 1
+        if decoding is not None:
+            self._deliver(*decoding)  # Mimi ran while FlowLM stepped
+        emitted = self._advance(latents, eos.tolist() if n else [])
+        if n:
+            self._record(n, time.monotonic() - started)
+        self._leave(emitted)
+        emitting = len(self.rows)
+        self._join()  # before Mimi starts: joining may reallocate the slot arrays
+        return self._decode(emitting) if emitting else None
 
     def _advance(self, latents, eos: list[bool]) -> list[Sentence]:
         """pocket-tts's stopping rule, per row; the rows whose latent is audio to decode."""
@@ -1495,11 +1514,8 @@ class BatchScheduler:
             if row.stop.is_set():
                 row.audio.put(None)
                 continue
-            try:
-                caches, length = prefill(self.model, row.voice_state, row.tokens)
-            except Exception as exc:  # noqa: BLE001 - reported to its request
-                row.audio.put(exc)
-                continue
+            caches, length = row.prefix, row.length
+            row.prefix = []  # the slot holds it from now on
             slot = len(self.rows)
             self._make_room(slot + 1, length + row.max_frames + 2)
             for (keys, values), cache in zip(self.flow.layers, caches, strict=True):
@@ -1622,7 +1638,7 @@ class Engine:
                         raise ClientGone
                     if time.monotonic() > deadline:
                         raise Busy(503, "No stream became free in time.", self.retry_after())
-                    self._counts.wait(0.05)
+                    self._counts.wait(0.25)  # a release notifies at once
             finally:
                 self.waiting -= 1
             self.active += 1
@@ -1861,9 +1877,10 @@ class Engine:
             text, frames_after_guess = prepare_text_prompt(part, *options)
             tokens = m.flow_lm.conditioner.prepare(text)
             frames_after = m.model_recommended_frames_after_eos
+            prefix, length = prefill(m, voice_state, tokens)
             row = Sentence(
-                tokens=tokens,
-                voice_state=voice_state,
+                prefix=prefix,
+                length=length,
                 max_frames=m._estimate_max_gen_len(tokens.shape[1]),
                 frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
                 generator=torch.Generator().manual_seed(seed % 2**63),

@@ -2732,6 +2732,25 @@ class TestBatching:
         finally:
             engine.active, scheduler.step_seconds, engine.realtime_margin = 0, saved, 1.25
 
+    def test_a_failed_step_fails_its_streams_and_the_batch_goes_on(self, real, voices,
+                                                                     monkeypatch):  # fmt: skip
+        original, calls = srv.flow_step, []
+
+        def fail_once(*args, **kwargs):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected step failure")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(srv, "flow_step", fail_once)
+        engine = real.server.engine
+        with pytest.raises(RuntimeError, match="injected"):
+            list(engine.generate("Hello world.", voices[0], threading.Event()))
+        audio = np.concatenate(list(engine.generate("Hello world.", voices[0], threading.Event())))
+        assert (
+            abs(audio.size / SR - TestRealModel.library_seconds(real.model, "Hello world.")) < 1e-3
+        )
+
     def test_health_reports_the_batch(self, real):
         with requests.post(f"{real.url}/v1/audio/speech", stream=True,
                            json={"input": " ".join(CORPUS), "response_format": "pcm",
