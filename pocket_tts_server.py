@@ -97,7 +97,7 @@ class Settings:
     cors_origins: str | None = None
     max_input_chars: int = 4096
     max_batch: int = 0  # 0: by device
-    realtime_margin: float = 1.25
+    realtime_margin: float = 1.1
     workers: int = 0  # deprecated alias of max_batch
     max_queue: int = 16
     queue_timeout: float = 60.0
@@ -1598,7 +1598,7 @@ class Engine:
         max_queue: int = 16,
         queue_timeout: float = 60.0,
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
-        realtime_margin: float = 1.25,
+        realtime_margin: float = 1.1,
     ):
         self.model = model
         if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
