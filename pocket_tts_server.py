@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -109,6 +110,9 @@ class Settings:
     max_connections: int = 1000
     idle_timeout: int = 30
     drain_seconds: float = 15.0
+    wyoming_port: int = 0
+    wyoming_host: str | None = None
+    wyoming_zeroconf: bool = False
     log_level: str = "info"
 
 
@@ -148,6 +152,10 @@ FLAG_HELP = {
     "max_connections": "open client connections at most (idle or slow ones included)",
     "idle_timeout": "seconds an idle connection is kept open",
     "drain_seconds": "on SIGTERM, seconds to let running streams finish before exiting",
+    "wyoming_port": "also serve the Wyoming protocol (Home Assistant) on this TCP port (10200 is "
+    "usual; 0: off)",
+    "wyoming_host": "address for Wyoming (default: --host)",
+    "wyoming_zeroconf": "announce the Wyoming service over mDNS, so Home Assistant discovers it",
     "log_level": "logging level",
 }
 FLAG_CHOICES = {
@@ -2841,6 +2849,211 @@ class SpeechServer:
 
 
 # =================================================================================================
+# Wyoming protocol (Home Assistant's voice pipelines), served beside HTTP by the same Engine
+# =================================================================================================
+
+LANGUAGE_CODES = {"english": "en", "french": "fr", "german": "de", "spanish": "es",
+                  "italian": "it", "portuguese": "pt", "dutch": "nl"}  # fmt: skip
+SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]]))\s+")  # space after a sentence
+
+
+def split_finished(text: str) -> tuple[list[str], str]:
+    """Finished sentences of streamed text, and the unfinished rest to wait on."""
+    parts = SENTENCE_END.split(text)
+    return [p for p in parts[:-1] if p.strip()], parts[-1]
+
+
+def wyoming_info(server: SpeechServer):
+    """The `info` answer: one TTS program and its voices, each with its language."""
+    from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
+
+    language = LANGUAGE_CODES.get(server.language, "en")
+    kyutai = Attribution(name="Kyutai", url="https://github.com/kyutai-labs/pocket-tts")
+    default = server.voices.default.name
+
+    def voice(name: str, about: str) -> TtsVoice:
+        if name == default:
+            about += " (the server's default voice)"
+        return TtsVoice(name=name, attribution=kyutai, installed=True, description=about,
+                        version=None, languages=[language])  # fmt: skip
+
+    voices = [voice(e["id"], "pocket-tts built-in voice" if e["kind"] == "builtin"
+                    else f"voice cloned from {e.get('file')}")
+              for e in server.voices.describe() if e["kind"] != "openai"]  # fmt: skip
+    if default not in [v.name for v in voices]:  # a default given as a path
+        voices.append(voice(default, "cloned from a recording"))
+    program = TtsProgram(name=SERVER_NAME, attribution=kyutai, installed=True, version="1.0",
+                         description="Kyutai pocket-tts: fast voice cloning TTS", voices=voices,
+                         supports_synthesize_streaming=True)  # fmt: skip
+    return Info(tts=[program])
+
+
+class WyomingSession:
+    """One Wyoming connection: `synthesize`, and streamed `synthesize-start/-chunk/-stop`.
+
+    Audio goes out as it is generated (audio-start, audio-chunk..., audio-stop per text). In a
+    streamed request each sentence is spoken as soon as its end arrives, in order, by one task;
+    a disconnect stops its generation and frees its place at once.
+    """
+
+    def __init__(self, server: SpeechServer, reader, writer):
+        from wyoming.server import AsyncEventHandler
+
+        class Handler(AsyncEventHandler):
+            async def handle_event(handler, event) -> bool:  # noqa: N805
+                return await self.handle(event)
+
+            async def disconnect(handler):  # noqa: N805
+                self.close()
+
+        self.server, self.handler = server, Handler(reader, writer)
+        self.stop = threading.Event()
+        self.streaming: dict[str, Any] | None = None  # voice, pending text, sentence queue, task
+
+    async def handle(self, event) -> bool:
+        from wyoming.info import Describe
+        from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+
+        try:
+            if Describe.is_type(event.type):
+                await self.handler.write_event(wyoming_info(self.server).event())
+            elif SynthesizeStart.is_type(event.type):
+                await self.start_stream(SynthesizeStart.from_event(event).voice)
+            elif SynthesizeChunk.is_type(event.type) and self.streaming:
+                await self.add_text(SynthesizeChunk.from_event(event).text)
+            elif SynthesizeStop.is_type(event.type) and self.streaming:
+                await self.end_stream()
+            elif Synthesize.is_type(event.type) and not self.streaming:  # else: compatibility copy
+                request = Synthesize.from_event(event)
+                await self.speak(request.text, self.voice_name(request.voice))
+        except (KeyError, TypeError, ValueError, AttributeError):  # malformed event data
+            await self.error("The event's data is not what the Wyoming protocol defines.", "bad")
+        return True
+
+    @staticmethod
+    def voice_name(voice) -> str | None:
+        return voice.name if voice is not None and isinstance(voice.name, str) else None
+
+    async def error(self, text: str, code: str):
+        from wyoming.error import Error
+
+        await self.handler.write_event(Error(text=text, code=code).event())
+
+    # -- streamed text ----------------------------------------------------------------------------
+
+    async def start_stream(self, voice):
+        sentences: asyncio.Queue = asyncio.Queue()
+        self.streaming = {"voice": self.voice_name(voice), "text": "", "sentences": sentences}
+        self.streaming["task"] = asyncio.create_task(self.speak_stream(sentences))
+
+    async def add_text(self, text: str):
+        stream = self.streaming
+        finished, stream["text"] = split_finished(stream["text"] + str(text))
+        for sentence in finished:
+            stream["sentences"].put_nowait(sentence)
+
+    async def end_stream(self):
+        from wyoming.tts import SynthesizeStopped
+
+        stream, self.streaming = self.streaming, None
+        if stream["text"].strip():
+            stream["sentences"].put_nowait(stream["text"])
+        stream["sentences"].put_nowait(None)
+        await stream["task"]
+        await self.handler.write_event(SynthesizeStopped().event())
+
+    async def speak_stream(self, sentences: asyncio.Queue):
+        voice = self.streaming["voice"]
+        while (sentence := await sentences.get()) is not None:
+            await self.speak(sentence, voice)
+
+    # -- speech -----------------------------------------------------------------------------------
+
+    async def speak(self, text: str, voice: str | None):
+        """audio-start, audio-chunks as the Engine makes them, audio-stop; or an error event."""
+        from wyoming.audio import AudioChunk, AudioStart, AudioStop
+
+        server, loop = self.server, asyncio.get_running_loop()
+        script = speech_script(text, server.language)
+        try:
+            default = server.voices.default  # listed by its name even when given as a path
+            source = default if voice == default.name else server.voices.resolve(voice)
+            speaks = any(isinstance(part, str) for part in script)
+            state = (
+                await loop.run_in_executor(None, server.engine.voice_state, source)
+                if speaks
+                else None
+            )
+        except VoiceError as exc:
+            code = "voice_not_found" if isinstance(exc, VoiceNotFound) else "voice_unusable"
+            return await self.error(str(exc), code)
+        try:
+            release = await loop.run_in_executor(None, server.engine.acquire, self.stop.is_set)
+        except (Busy, ClientGone) as exc:
+            return await self.error(str(exc) or "The client left.", "busy")
+        rate = server.engine.sample_rate
+        audio = server.engine.speak(script, state, self.stop)
+        try:
+            await self.handler.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+            while (samples := await loop.run_in_executor(None, next, audio, None)) is not None:
+                chunk = AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples))
+                await self.handler.write_event(chunk.event())
+            await self.handler.write_event(AudioStop().event())
+        except BaseException:
+            self.stop.set()  # the client left (or the task was cancelled): stop generating
+            raise
+        finally:
+            await loop.run_in_executor(None, audio.close)
+            release()
+
+    def close(self):
+        """The client left: stop its generation now."""
+        self.stop.set()
+        if self.streaming:
+            self.streaming["task"].cancel()
+
+
+def wyoming_service_info(port: int, host: str, name: str | None = None):
+    """The mDNS announcement Home Assistant discovers (_wyoming._tcp), built without network."""
+    from zeroconf import ServiceInfo
+
+    name = name or f"{SERVER_NAME}-{socket.gethostname()}"
+    return ServiceInfo("_wyoming._tcp.local.", f"{name}._wyoming._tcp.local.",
+                       addresses=[socket.inet_aton(host)], port=port,
+                       properties={"name": SERVER_NAME})  # fmt: skip
+
+
+def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = False) -> int:
+    """Serve Wyoming on a background event loop; return the bound port."""
+    from wyoming.server import AsyncTcpServer
+
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(64, "wyoming"))
+    tcp = AsyncTcpServer(host, port)
+
+    def handler(reader, writer):
+        return WyomingSession(server, reader, writer).handler
+
+    asyncio.run_coroutine_threadsafe(tcp.start(handler), loop)
+    threading.Thread(target=loop.run_forever, name="wyoming", daemon=True).start()
+    while tcp._server is None or not tcp._server.sockets:
+        time.sleep(0.01)
+    bound = tcp._server.sockets[0].getsockname()[1]
+    if zeroconf:
+        from zeroconf.asyncio import AsyncZeroconf
+
+        address = (
+            host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
+        )
+        info = wyoming_service_info(bound, address)
+        asyncio.run_coroutine_threadsafe(AsyncZeroconf().async_register_service(info), loop)
+    logger.info(
+        "Wyoming on tcp://%s:%d%s", host, bound, " (announced over mDNS)" if zeroconf else ""
+    )
+    return bound
+
+
+# =================================================================================================
 # Main
 # =================================================================================================
 
@@ -2903,6 +3116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     http = http_server(server.app, settings)
+    if settings.wyoming_port:
+        host = settings.wyoming_host or settings.host
+        start_wyoming(server, host, settings.wyoming_port, settings.wyoming_zeroconf)
     logger.info(
         "serving %s on http://%s:%d/ (device %s, streaming by default: %s)",
         settings.model_path,

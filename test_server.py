@@ -9,6 +9,7 @@ durations are deterministic. Every test decodes the audio it gets back with PyAV
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -2762,6 +2763,197 @@ class TestBatching:
             b"".join(parts)
         assert health["batch_size"] == 1 and health["active_streams"] == 1
         assert health["step_ms"] > 0 and health["realtime_headroom"] > 0
+
+
+class Wyoming:
+    """A wyoming AsyncTcpClient session against the live Wyoming port (helpers for the tests)."""
+
+    def __init__(self, port: int):
+        from wyoming.client import AsyncTcpClient
+
+        self.client = AsyncTcpClient("127.0.0.1", port)
+
+    async def __aenter__(self):
+        await self.client.connect()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.client.disconnect()
+
+    async def send(self, eventable):
+        await self.client.write_event(eventable.event())
+
+    async def audio(self) -> list[tuple[str, bytes]]:
+        """Events until audio-stop or error: [(type, payload)]."""
+        events = []
+        while True:
+            event = await asyncio.wait_for(self.client.read_event(), 60)
+            events.append((event.type, event.payload or b"", event.data))
+            if event.type in ("audio-stop", "error"):
+                return events
+
+
+def pcm_seconds(events) -> float:
+    return sum(len(p) for kind, p, _ in events if kind == "audio-chunk") / 2 / SR
+
+
+class TestWyoming:
+    """Issue #11: the Wyoming protocol beside HTTP, on the real model, with the wyoming client."""
+
+    @pytest.fixture(scope="class")
+    def port(self, real):
+        return srv.start_wyoming(real.server, "127.0.0.1", 0)
+
+    def http_pcm_seconds(self, real, text: str) -> float:
+        r = post_json(real.url, {"input": text, "response_format": "pcm"})
+        return len(r.content) / 2 / SR
+
+    def test_describe(self, port):
+        from wyoming.info import Describe, Info
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Describe())
+                return Info.from_event(await w.client.read_event())
+
+        program = asyncio.run(run()).tts[0]
+        assert program.name == "pocket-tts-server" and program.installed
+        assert program.supports_synthesize_streaming and program.attribution.name == "Kyutai"
+        voices = {v.name: v for v in program.voices}
+        assert voices["ref"].languages == ["en"] and "default voice" in voices["ref"].description
+
+    def test_synthesize_matches_http(self, real, port):
+        from wyoming.tts import Synthesize, SynthesizeVoice
+
+        text = "Hello world. This is a test of the speech server."
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text=text, voice=SynthesizeVoice(name="ref")))
+                return await w.audio()
+
+        events = asyncio.run(run())
+        assert events[0][0] == "audio-start" and events[0][2]["rate"] == SR
+        assert events[0][2]["width"] == 2 and events[0][2]["channels"] == 1
+        assert sum(kind == "audio-chunk" for kind, *_ in events) > 2  # as generated, not at once
+        assert pcm_seconds(events) == pytest.approx(self.http_pcm_seconds(real, text), abs=1e-3)
+
+    def test_streamed_text_is_spoken_sentence_by_sentence(self, real, port):
+        from wyoming.tts import (
+            Synthesize,
+            SynthesizeChunk,
+            SynthesizeStart,
+            SynthesizeStop,
+            SynthesizeVoice,  # fmt: skip
+        )
+
+        sentences = ["Hello world.", "This is a test of the speech server.", "It ends here."]
+        pieces = [
+            "Hel",
+            "lo wor",
+            "ld. This is a te",
+            "st of the spe",
+            "ech server. It e",
+            "nds here.",
+        ]
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(SynthesizeStart(voice=SynthesizeVoice(name="ref")))
+                for piece in pieces[:-1]:
+                    await w.send(SynthesizeChunk(text=piece))
+                first = await asyncio.wait_for(w.client.read_event(), 30)  # before the last piece
+                await w.send(SynthesizeChunk(text=pieces[-1]))
+                await w.send(Synthesize(text="".join(pieces)))  # compatibility copy: ignored
+                await w.send(SynthesizeStop())
+                events = [(first.type, first.payload or b"", first.data)]
+                while events[-1][0] != "synthesize-stopped":
+                    event = await asyncio.wait_for(w.client.read_event(), 60)
+                    events.append((event.type, event.payload or b"", event.data))
+                return events
+
+        events = asyncio.run(run())
+        assert events[0][0] == "audio-start"  # the first sentence spoke before the text ended
+        spoken, current = [], []
+        for kind, payload, _ in events:
+            if kind == "audio-chunk":
+                current.append((kind, payload, None))
+            elif kind == "audio-stop":
+                spoken.append(pcm_seconds(current))
+                current = []
+        want = [self.http_pcm_seconds(real, s) for s in sentences]
+        assert spoken == pytest.approx(want, abs=1e-3)  # each sentence once, in order
+
+    def test_unknown_voice_is_an_error_event(self, port):
+        from wyoming.tts import Synthesize, SynthesizeVoice
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text="Hi.", voice=SynthesizeVoice(name="nobody")))
+                return await w.audio()
+
+        (kind, _, data), *_ = asyncio.run(run())
+        assert kind == "error" and data["code"] == "voice_not_found" and "alloy" in data["text"]
+
+    def test_wordless_text_is_a_short_silence(self, port):
+        from wyoming.tts import Synthesize
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text="..."))
+                return await w.audio()
+
+        events = asyncio.run(run())
+        assert [e[0] for e in events][0 :: len(events) - 1] == ["audio-start", "audio-stop"]
+        assert pcm_seconds(events) == pytest.approx(srv.WORDLESS_SILENCE_SECONDS, abs=1e-3)
+
+    def test_a_disconnect_frees_the_stream_at_once(self, real, port):
+        from wyoming.tts import Synthesize
+
+        async def leave_early():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text=" ".join(CORPUS * 4)))
+                while (await w.client.read_event()).type != "audio-chunk":
+                    pass
+
+        asyncio.run(leave_early())
+        engine = real.server.engine
+        assert wait_for(lambda: engine.active == 0 and engine.scheduler.stats()["batch_size"] == 0,
+                        timeout=3)  # fmt: skip
+        t0 = time.monotonic()
+        self.test_describe(port)
+        assert time.monotonic() - t0 < 1
+
+    @pytest.mark.parametrize(
+        "raw",
+        [b"not json\n", b'{"type": "synthesize"}\n', b'{"type": "synthesize", "data": {"text": 5}}\n',
+         b'{"type": "synthesize-chunk", "data": {"text": "x"}}\n',
+         b'{"type": "synthesize-start", "data": {"voice": "alba"}}\n{"type": "synthesize-stop"}\n',
+         b'{"type": "audio-chunk", "data": {}, "payload_length": 99999999}\n',
+         b'{"type": "describe", "data_length": -5}\n', b"\xff\xfe\n" * 10, b"{" * 100000 + b"\n"],
+    )  # fmt: skip
+    def test_malformed_events_never_crash_the_server(self, port, raw):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(raw)
+            sock.settimeout(2)
+            with contextlib.suppress(OSError):
+                sock.recv(65536)
+        self.test_describe(port)  # the server still answers
+
+    def test_zeroconf_announcement(self):
+        info = srv.wyoming_service_info(10200, "192.168.1.5", "kitchen")
+        assert info.type == "_wyoming._tcp.local." and info.port == 10200
+        assert info.name == "kitchen._wyoming._tcp.local."
+        assert socket.inet_ntoa(info.addresses[0]) == "192.168.1.5"
+
+    @pytest.mark.parametrize(
+        "text,finished,rest",
+        [("Hello world. How", ["Hello world."], "How"), ("One! Two? Thr", ["One!", "Two?"], "Thr"),
+         ('He said "stop." Then', ['He said "stop."'], "Then"), ("No end yet", [], "No end yet"),
+         ("Pi is 3.14 and", [], "Pi is 3.14 and")],
+    )  # fmt: skip
+    def test_streamed_text_waits_for_a_sentence_end(self, text, finished, rest):
+        assert srv.split_finished(text) == (finished, rest)
 
 
 # =================================================================================================
