@@ -166,7 +166,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="english", help="packaged architecture to use")
     parser.add_argument("--quick", action="store_true", help="one repetition instead of three")
-    parser.add_argument("--only", choices=["concurrency"], help="run one section only")
+    parser.add_argument("--only", choices=["concurrency", "wyoming"], help="run one section only")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--clients", default="1,2,4,8,16", help="concurrency levels")
     parser.add_argument("--realtime_margin", type=float, default=1.1,
@@ -194,6 +194,9 @@ def main():
     library_run(model, state, "Warm up.")
     if args.only == "concurrency":
         concurrency(args, config, ref, tmp / "cache", model, state, reps)
+    if args.only == "wyoming":
+        wyoming_first_audio(config, ref, tmp / "cache", reps)
+    if args.only:
         print_table()
         return
     lib = [library_run(model, state, TEXT) for _ in range(reps)]
@@ -322,6 +325,41 @@ def print_table():
     print("\n| measurement | result | target |\n| --- | --- | --- |")
     for metric, value, target in rows:
         print(f"| {metric} | {value} | {target.strip('()')} |")
+
+
+def wyoming_first_audio(config: Path, ref: Path, cache: Path, reps: int):
+    """First audio over Wyoming (whole text, and text streamed in pieces) next to HTTP's."""
+    import asyncio
+
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+
+    port = free_port()
+    proc, url = start_server(config, ref, cache, "--wyoming_port", str(port))
+
+    async def first_audio(events) -> float:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            t0 = time.perf_counter()
+            for event in events:
+                await client.write_event(event.event())
+            while (await client.read_event()).type != "audio-chunk":
+                pass
+            first = time.perf_counter() - t0
+            while (await client.read_event()).type not in ("audio-stop", "synthesize-stopped"):
+                pass
+            return first
+
+    pieces = [SynthesizeChunk(text=TEXT[i : i + 7]) for i in range(0, len(TEXT), 7)]
+    speech(url, "Warm up.", "pcm", True)
+    http = median([speech(url, TEXT, "pcm", True)[0] for _ in range(reps)])
+    plain = median([asyncio.run(first_audio([Synthesize(text=TEXT)])) for _ in range(reps)])
+    streamed = median([asyncio.run(first_audio([SynthesizeStart(), *pieces, SynthesizeStop()]))
+                       for _ in range(reps)])  # fmt: skip
+    row("first audio: HTTP pcm stream", f"{http * 1000:.0f} ms")
+    row("first audio: Wyoming synthesize", f"{plain * 1000:.0f} ms")
+    row("first audio: Wyoming streamed text (7-character pieces)", f"{streamed * 1000:.0f} ms")
+    proc.terminate()
+    proc.wait()
 
 
 def concurrency(args, config: Path, ref: Path, cache: Path, model, state, reps: int):
