@@ -2940,6 +2940,34 @@ class TestWyoming:
                 sock.recv(65536)
         self.test_describe(port)  # the server still answers
 
+    def test_a_full_server_answers_busy(self, real, port, monkeypatch):
+        from wyoming.tts import Synthesize
+
+        engine = real.server.engine
+        monkeypatch.setattr(engine, "max_queue", 0)
+        monkeypatch.setattr(engine, "active", engine.max_batch)  # every place taken
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text="Hello."))
+                return await w.audio()
+
+        (kind, _, data), *_ = asyncio.run(run())
+        assert kind == "error" and data["code"] == "busy"
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(events=st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["describe", "synthesize", "synthesize-start", "synthesize-chunk",
+                                  "synthesize-stop", "audio-chunk", "x"]) | st.text(max_size=8),
+         "data": JSON_VALUES}), min_size=1, max_size=4))  # fmt: skip
+    def test_fuzzed_events(self, port, events):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+            sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                sock.recv(1 << 20)
+        self.test_describe(port)
+
     def test_zeroconf_announcement(self):
         info = srv.wyoming_service_info(10200, "192.168.1.5", "kitchen")
         assert info.type == "_wyoming._tcp.local." and info.port == 10200
