@@ -10,8 +10,9 @@ clients (the openai SDK, Open WebUI, Home Assistant, SillyTavern, curl...) use u
 
 Data flows top to bottom, and so does this file:
 
-    configuration & CLI -> model -> text -> voices -> synthesis (Engine) -> encoding (PyAV)
-    -> HTTP API (Flask, served by waitress) -> main -> page
+    configuration & CLI -> model -> text -> voices -> synthesis (Engine, BatchScheduler)
+    -> encoding (PyAV) -> HTTP API (Flask, served by waitress) -> Wyoming (Home Assistant)
+    -> main -> page
 
 The Engine is the only code that touches the model. Its BatchScheduler advances every active
 stream by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread),
@@ -21,7 +22,8 @@ seeded noise, so its audio does not depend on what else is batched. The Engine y
 audio chunks and honours a stop event (set when a client hangs up), so HTTP handlers and encoders
 never depend on how generation is scheduled. Encoders are incremental, so a streamed response
 leaves as soon as the model produces audio, in every format. The web page and its logo are
-embedded at the end, so this file copied alone still runs.
+embedded at the end, so this file copied alone still runs. With --wyoming_port, the same Engine
+also speaks the Wyoming protocol, so Home Assistant's voice pipelines use it natively.
 """
 
 from __future__ import annotations
