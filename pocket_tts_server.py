@@ -786,9 +786,8 @@ class RemoteVoices:
 
     def __init__(self, deadline: float = 15.0, max_bytes: int = MAX_REFERENCE_BYTES):
         self.deadline, self.max_bytes = deadline, max_bytes
-        self.known: OrderedDict[str, tuple[dict[str, str], str]] = (
-            OrderedDict()
-        )  # url -> (validators, sha256)
+        # url -> (the validators to send next time, the sha256 of the content)
+        self.known: OrderedDict[str, tuple[dict[str, str], str]] = OrderedDict()
         self.lock = threading.Lock()
 
     def fetch(self, url: str, fresh: bool = False) -> tuple[str, bytes | None]:
@@ -1081,11 +1080,11 @@ def remove_leftovers(folder: Path, pattern: str):
 
 def pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
-    except OSError:  # another user's process
-        return True
+    except OSError:
+        pass
     return True
 
 
@@ -1364,6 +1363,7 @@ class BatchScheduler:
         self.flow = Regions(model.flow_lm.transformer.layers, 1, 1, self.device, torch.float32)
         self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1, 1, self.device,
                             torch.float32)  # fmt: skip
+        self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
         self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mimi")
@@ -1532,10 +1532,9 @@ class BatchScheduler:
                 keys[slot, :length], values[slot, :length] = cache[0], cache[1]
             self.flow.starts[slot] = length
             self.mimi.starts[slot] = 0
-            fresh = self._fresh_mimi_state(1)
             for name, module in self.mimi_state.items():
                 for key, tensor in module.items():
-                    tensor[slot] = fresh[name][key][0]
+                    tensor[slot] = self.mimi_blank[name][key][0]
             row.latent = torch.full((1, 1, self.model.flow_lm.ldim), float("nan"),
                                     device=self.device)  # fmt: skip
             self.rows.append(row)
@@ -2190,6 +2189,20 @@ class SpeechRequest:
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry them; UTF-8 cannot
 
 
+def parse_voice(voice: Any) -> str | None:
+    """A request's `voice`: a name, or the current OpenAI API's object {"id": "<name>"}."""
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+        if not isinstance(voice, str):
+            raise invalid("voice", "'voice.id' must be a string.", "invalid_type")
+    if voice is not None and not isinstance(voice, str):
+        message = "'voice' must be a string or an object {\"id\": ...}."
+        raise invalid("voice", message, "invalid_type")
+    if voice is not None and LONE_SURROGATE.search(voice):
+        raise invalid("voice", "'voice' holds invalid Unicode (a lone surrogate).")
+    return voice or None
+
+
 def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
     """Validate an OpenAI speech request; unknown fields are ignored, bad ones name their param."""
     if not isinstance(body, dict):
@@ -2212,17 +2225,7 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
     for name in ("model", "instructions"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise invalid(name, f"'{name}' must be a string.", "invalid_type")
-    voice = body.get("voice")
-    if isinstance(voice, dict):  # the current OpenAI API: {"id": "<custom voice id>"}
-        voice = voice.get("id")
-        if not isinstance(voice, str):
-            raise invalid("voice", "'voice.id' must be a string.", "invalid_type")
-    if isinstance(voice, str) and LONE_SURROGATE.search(voice):
-        raise invalid("voice", "'voice' holds invalid Unicode (a lone surrogate).")
-    if voice is not None and not isinstance(voice, str):
-        raise invalid(
-            "voice", "'voice' must be a string or an object {\"id\": ...}.", "invalid_type"
-        )
+    voice = parse_voice(body.get("voice"))
     fmt = body.get("response_format") or "mp3"
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise invalid(
@@ -2246,7 +2249,7 @@ def parse_speech_request(body: Any, settings: Settings) -> SpeechRequest:
         raise invalid("stream_format", "'stream_format' must be 'audio' or 'sse'.")
     return SpeechRequest(
         input=text,
-        voice=voice or None,
+        voice=voice,
         model=body.get("model") or None,
         response_format=fmt,
         speed=float(speed),
@@ -2560,7 +2563,7 @@ class SpeechServer:
             message = "'input' is too long once its numbers and symbols are written out as words."
             raise invalid("input", message, "string_above_max_length")
         speaks = any(isinstance(part, str) for part in script)
-        source = self.voice_source(req)
+        source = self.voice_source(self.requested_voice(req))
         voice_state = self.load_voice(source, req.voice) if speaks else None
         fmt = FORMATS[req.response_format]
         headers = {
@@ -2584,11 +2587,14 @@ class SpeechServer:
         chunks = ClosingStream(self.audio_chunks(*job), release)
         return Response(chunks, content_type=fmt.content_type, headers=headers)
 
-    def voice_source(self, req: SpeechRequest) -> VoiceSource:
+    def requested_voice(self, req: SpeechRequest) -> str | None:
         """The voice a request names: `voice`, else a `model` that names a voice (LocalAI's way)."""
-        name = req.voice
-        if name is None and req.model and req.model not in MODEL_IDS:
-            name = req.model if self.voices.kind_of(req.model) else None
+        if req.voice is None and req.model and req.model not in MODEL_IDS:
+            return req.model if self.voices.kind_of(req.model) else None
+        return req.voice
+
+    def voice_source(self, name: str | None) -> VoiceSource:
+        """Resolve a voice name; an unknown one is a 400 on `voice` (`voice_not_found`)."""
         try:
             return self.voices.resolve(name)
         except VoiceError as exc:
@@ -2977,18 +2983,14 @@ class WyomingSession:
 
         server, loop = self.server, asyncio.get_running_loop()
         script = speech_script(text, server.language)
-        try:
-            default = server.voices.default  # listed by its name even when given as a path
-            source = default if voice == default.name else server.voices.resolve(voice)
-            speaks = any(isinstance(part, str) for part in script)
-            state = (
-                await loop.run_in_executor(None, server.engine.voice_state, source)
-                if speaks
-                else None
-            )
-        except VoiceError as exc:
-            code = "voice_not_found" if isinstance(exc, VoiceNotFound) else "voice_unusable"
-            return await self.error(str(exc), code)
+        speaks = any(isinstance(part, str) for part in script)
+        try:  # the same resolution and loading as HTTP, errors as Wyoming `error` events
+            default = server.voices.default  # Wyoming lists it by name even when given as a path
+            source = default if voice == default.name else server.voice_source(voice)
+            load = functools.partial(server.load_voice, source, voice)
+            state = await loop.run_in_executor(None, load) if speaks else None
+        except ApiError as exc:
+            return await self.error(exc.message, exc.code)
         try:
             release = await loop.run_in_executor(None, server.engine.acquire, self.stop.is_set)
         except (Busy, ClientGone) as exc:
