@@ -1104,9 +1104,9 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
-# Until a batch size is measured, its step time is extrapolated from the nearest smaller one:
-# batched steps cost far less than one per stream (a matrix product is cheaper per row as rows
-# are added), and the estimate is replaced by the measurement after the first ticks.
+# With a single batch size measured, each stream more is guessed to cost half a lone stream's
+# share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
+# sizes 1, 2, 4, ... so the guess is rarely needed.
 MARGINAL_STREAM_COST = 0.5
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
@@ -1124,7 +1124,8 @@ INTERNALS = {
                  "_run_flow_lm_and_increment_step", "_expand_kv_cache", "_MIN_FRAMES_BEFORE_EOS"),
     "FlowLMModel": ("transformer", "input_linear", "out_norm", "z_proj", "out_eos", "flow_net",
                     "flow_type", "bos_emb", "emb_std", "emb_mean", "ldim", "conditioner"),
-    "StreamingTransformerLayer": ("self_attn", "norm1", "layer_scale_1", "_ff_block"),
+    "StreamingTransformerLayer": ("self_attn", "norm1", "layer_scale_1", "norm2", "linear1",
+                                  "linear2", "layer_scale_2"),
     "StreamingMultiheadAttention": ("in_proj", "out_proj", "num_heads", "num_kv_heads",
                                     "dim_per_head", "attn_dim", "context", "rope"),
     "MimiModel": ("quantizer", "_to_encoder_framerate", "decoder_transformer", "decoder",
@@ -1166,19 +1167,20 @@ def rope_rows(x, positions, max_period: float):
     return rotated.to(x.dtype).view(b, t, h, d)
 
 
-def attend(attn, x, keys, values, starts, span: int):
+def attend(attn, x, keys, values, starts, span: int, linear):
     """One attention layer for streams with their own KV regions.
 
     x: [B, T, E]; keys/values: [B, L, H_kv, D], one region per stream; starts: [B] long, the
     position of x[:, 0] in each stream; span: max(starts) + T (known on the host: no device sync
-    per layer). Writes this step's keys and values into the regions.
+    per layer); linear: how to apply a Linear (see `packed_linear`). Writes this step's keys and
+    values into the regions.
     """
     import torch
     import torch.nn.functional as F
 
     b, t, _ = x.shape
     d = attn.dim_per_head
-    projected = attn.in_proj(x)
+    projected = linear(attn.in_proj, x)
     q = projected[..., : attn.attn_dim].view(b, t, attn.num_heads, d)
     k, v = projected[..., attn.attn_dim :].view(b, t, 2, attn.num_kv_heads, d).unbind(dim=2)
     positions = starts[:, None] + torch.arange(t, device=x.device)  # [B, T]
@@ -1196,27 +1198,70 @@ def attend(attn, x, keys, values, starts, span: int):
     if attn.context is not None:
         mask &= delta < attn.context
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask[:, None])
-    return attn.out_proj(out.transpose(1, 2).reshape(b, t, attn.attn_dim))
+    return linear(attn.out_proj, out.transpose(1, 2).reshape(b, t, attn.attn_dim))
 
 
-def run_layers(transformer, x, regions, starts):
+def run_layers(transformer, x, regions, starts, linear):
     """A StreamingTransformer's layers over streams with KV regions ([(keys, values)] by layer)."""
+    import torch.nn.functional as F
+
     span = int(starts.max()) + x.shape[1]  # regions are used up to the longest stream
     for layer, (keys, values) in zip(transformer.layers, regions, strict=True):
-        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts, span)
+        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts, span, linear)
         x = x.to(update) + layer.layer_scale_1(update)
-        x = layer._ff_block(x)
+        hidden = F.gelu(linear(layer.linear1, layer.norm2(x)), approximate="tanh")
+        update = linear(layer.linear2, hidden)
+        x = x.to(update) + layer.layer_scale_2(update)
     return x
 
 
-def flow_step(model, latents, regions, starts, generators):
+def pack_linears(layers) -> dict:
+    """oneDNN-packed copies of the float32 CPU Linear weights in `layers`: {Linear: weight}.
+
+    MKL's float32 GEMM is slow for the 2-16 rows of a batched step on some CPUs (on this AMD
+    EPYC, 4 rows cost 2.7x one row); oneDNN's packed GEMM costs 1.7x. Empty where the private
+    op is missing or disagrees with F.linear: then every Linear runs as usual.
+    """
+    import torch
+
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    packed = {}
+    try:
+        for module in linears:
+            weight = module.weight
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                return {}
+            packed[module] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
+        probe = torch.randn(3, 1, linears[0].in_features)
+        if not torch.allclose(packed_linear(packed)(linears[0], probe), linears[0](probe),
+                              rtol=1e-4, atol=1e-5):  # fmt: skip
+            return {}
+    except (AttributeError, RuntimeError, IndexError):
+        return {}
+    return packed
+
+
+def packed_linear(packed: dict):
+    """Apply a Linear: through its packed weight for 2 rows or more, as usual otherwise."""
+    import torch
+
+    def linear(module, x):
+        weight = packed.get(module)
+        if weight is None or x.numel() < 2 * module.in_features:  # one row: MKL's GEMV is best
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
+
+    return linear
+
+
+def flow_step(model, latents, regions, starts, generators, linear):
     """One FlowLM step for every stream: next latents [B, 1, ldim] and EOS flags [B]."""
     import torch
     from pocket_tts.models import flow_lm as flow_module
 
     lm = model.flow_lm
     sequence = torch.where(torch.isnan(latents), lm.bos_emb, latents)
-    hidden = run_layers(lm.transformer, lm.input_linear(sequence), regions, starts)
+    hidden = run_layers(lm.transformer, lm.input_linear(sequence), regions, starts, linear)
     if lm.out_norm:
         hidden = lm.out_norm(hidden)
     if lm.z_proj is not None:
@@ -1242,7 +1287,7 @@ def stream_noise(size: int, std: float, clamp: float | None, generator):
     return torch.nn.init.trunc_normal_(noise, 0.0, std, -clamp, clamp, generator=generator)
 
 
-def mimi_step(model, latents, state, regions, starts):
+def mimi_step(model, latents, state, regions, starts, linear):
     """Mimi decodes one latent per stream: audio [B, samples]; `state` holds the conv states."""
     lm, mimi = model.flow_lm, model.mimi
     x = mimi.quantizer((latents * lm.emb_std + lm.emb_mean).transpose(-1, -2))
@@ -1251,7 +1296,7 @@ def mimi_step(model, latents, state, regions, starts):
     x = x.transpose(1, 2)
     if projected.input_proj is not None:
         x = projected.input_proj(x)
-    x = run_layers(projected.transformer, x, regions, starts)
+    x = run_layers(projected.transformer, x, regions, starts, linear)
     x = projected.output_projs[0](x).transpose(1, 2)
     return mimi.decoder(x, state)[:, 0]
 
@@ -1272,6 +1317,19 @@ def prefill(model, voice_state, tokens):
         model._run_flow_lm_and_increment_step(model_state=state, text_tokens=tokens)
     layers = model.flow_lm.transformer.layers
     return [layer.self_attn.get_state(state)["cache"][:, 0, :length] for layer in layers], length
+
+
+def row_capacity(model) -> tuple[int, int]:
+    """Positions the longest row needs, at pocket-tts's limits: (FlowLM, frames generated).
+
+    FlowLM holds the voice prompt (up to 30 s), the text (up to a chunk's tokens) and the
+    frames; Mimi holds only the frames. A longer voice state (a .safetensors voice) grows them.
+    """
+    from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
+
+    frames = model._estimate_max_gen_len(MAX_TOKEN_PER_CHUNK) + 2
+    prompt = math.ceil(MAX_REFERENCE_SECONDS * model.config.mimi.frame_rate)
+    return prompt + MAX_TOKEN_PER_CHUNK + frames, frames
 
 
 # -- the batch scheduler ------------------------------------------------------------------------
@@ -1322,19 +1380,19 @@ class Regions:
             k[dst], v[dst] = k[src], v[src]
         self.starts[dst] = self.starts[src]
 
-    def grown(self, slots: int, length: int) -> Regions:
-        """A copy with room for more streams or longer ones."""
+    def grown(self, slots: int, length: int, used: int) -> Regions:
+        """A copy with room for more streams or longer ones, keeping rows 0..used-1."""
         bigger = copy.copy(self)
         bigger.layers = []
         for k, v in self.layers:
             pair = []
             for t in (k, v):
                 new = t.new_zeros((slots, length, *t.shape[2:]))
-                new[: t.shape[0], : t.shape[1]] = t
+                new[:used, : t.shape[1]] = t[:used]
                 pair.append(new)
             bigger.layers.append(tuple(pair))
         bigger.starts = self.starts.new_zeros(slots)
-        bigger.starts[: self.starts.shape[0]] = self.starts
+        bigger.starts[:used] = self.starts[:used]
         return bigger
 
 
@@ -1360,9 +1418,21 @@ class BatchScheduler:
         self.joining: deque[Sentence] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.flow = Regions(model.flow_lm.transformer.layers, 1, 1, self.device, torch.float32)
-        self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1, 1, self.device,
+        # Regions are as long as a sentence can be from the start: growing them while streams
+        # run copies them, and every stream stalls for it (measured: 1 s for 16 slots).
+        length, frames = row_capacity(model)
+        self.flow = Regions(model.flow_lm.transformer.layers, 1, length, self.device,
                             torch.float32)  # fmt: skip
+        self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1,
+                            self.mimi_steps * frames, self.device, torch.float32)  # fmt: skip
+        self.linear = packed_linear(
+            pack_linears(
+                [
+                    *model.flow_lm.transformer.layers,
+                    *model.mimi.decoder_transformer.transformer.layers,
+                ]
+            )
+        )
         self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
         self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
@@ -1372,20 +1442,53 @@ class BatchScheduler:
 
     # -- requests' side ---------------------------------------------------------------------------
 
-    def submit(self, sentence: Sentence):
+    def submit_all(self, sentences: list[Sentence]):
+        """Sentences that join at the same tick."""
         with self.lock:
-            self.joining.append(sentence)
+            self.joining.extend(sentences)
         self.wake.set()
 
     def headroom(self, streams: int) -> float:
         """Real-time factor a batch of `streams` is expected to keep (>1: faster than real time)."""
+        seconds = self.step_estimate(streams)
+        return math.inf if seconds is None else self.frame_seconds / seconds
+
+    def step_estimate(self, streams: int) -> float | None:
+        """A batch's step time: interpolated between measured sizes, extrapolated beyond them."""
         measured = sorted(self.step_seconds.items())
         if not measured:
-            return math.inf
-        size, seconds = min(measured, key=lambda m: abs(m[0] - streams))
-        if size < streams:  # not measured yet: each stream more costs half a lone stream's share
-            seconds *= 1 + MARGINAL_STREAM_COST * (streams - size) / size
-        return self.frame_seconds / seconds
+            return None
+        below = [m for m in measured if m[0] <= streams] or measured[:1]
+        above = [m for m in measured if m[0] >= streams]
+        (n0, t0), (n1, t1) = below[-1], (above[0] if above else below[-1])
+        if n1 > n0:
+            return t0 + (t1 - t0) * (streams - n0) / (n1 - n0)
+        if len(below) >= 2 and not above:  # beyond the largest size: its last slope
+            n_prev, t_prev = below[-2]
+            per_stream = max(0.0, (t0 - t_prev) / (n0 - n_prev))
+        else:  # one size measured: a guess
+            per_stream = MARGINAL_STREAM_COST * t0 / n0
+        return t0 + per_stream * max(0, streams - n0)
+
+    def calibrate(self, sentence, frames: int = 6):
+        """Measure the step at batch sizes 1, 2, 4, ... up to max_batch, through the loop itself.
+
+        `sentence()` makes a short Sentence. Admission starts from these measurements, not from
+        guesses; it stops at the first size slower than real time (none would be admitted).
+        """
+        size = 1
+        while True:
+            for _ in range(2):  # the first run grows the slot arrays: keep the second's times
+                self.step_seconds.pop(size, None)
+                rows = [sentence(frames) for _ in range(size)]
+                self.submit_all(rows)
+                for row in rows:
+                    while (audio := row.audio.get()) is not None:
+                        if isinstance(audio, Exception):
+                            raise audio
+            if size >= self.max_batch or self.headroom(size) < 1.0:
+                return
+            size = min(2 * size, self.max_batch)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -1422,7 +1525,7 @@ class BatchScheduler:
             regions, starts = self.flow.view(n)
             inputs = torch.cat([r.latent for r in self.rows])
             latents, eos = flow_step(self.model, inputs, regions, starts,
-                                     [r.generator for r in self.rows])  # fmt: skip
+                                     [r.generator for r in self.rows], self.linear)  # fmt: skip
             self.flow.starts[:n] += 1
         if decoding is not None:
             self._deliver(*decoding)  # Mimi ran while FlowLM stepped
@@ -1466,7 +1569,7 @@ class BatchScheduler:
 
         def decode():
             with torch.no_grad():  # grad mode is per thread
-                audio = mimi_step(self.model, latents, views, regions, starts)
+                audio = mimi_step(self.model, latents, views, regions, starts, self.linear)
             self.mimi.starts[:n] += self.mimi_steps
             for name, module in views.items():  # pocket-tts replaces some state tensors
                 for key, tensor in module.items():
@@ -1527,7 +1630,7 @@ class BatchScheduler:
             caches, length = row.prefix, row.length
             row.prefix = []  # the slot holds it from now on
             slot = len(self.rows)
-            self._make_room(slot + 1, length + row.max_frames + 2)
+            self._make_room(slot + 1, length + row.max_frames + 2, row.max_frames + 2)
             for (keys, values), cache in zip(self.flow.layers, caches, strict=True):
                 keys[slot, :length], values[slot, :length] = cache[0], cache[1]
             self.flow.starts[slot] = length
@@ -1539,19 +1642,20 @@ class BatchScheduler:
                                     device=self.device)  # fmt: skip
             self.rows.append(row)
 
-    def _make_room(self, slots: int, length: int):
+    def _make_room(self, slots: int, length: int, frames: int):
         """Grow the slot arrays (doubling) and the regions' length to fit."""
-        mimi_length, capacity = self.mimi_steps * length, self.flow.slots
+        mimi_length, capacity = self.mimi_steps * frames, self.flow.slots
         if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
             return
         if slots > capacity:
             capacity = max(slots, 2 * capacity)
-        self.flow = self.flow.grown(capacity, max(length, self.flow.length))
-        self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length))
+        used = len(self.rows)
+        self.flow = self.flow.grown(capacity, max(length, self.flow.length), used)
+        self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length), used)
         bigger = self._fresh_mimi_state(capacity)
         for name, module in self.mimi_state.items():
             for key, tensor in module.items():
-                bigger[name][key][: tensor.shape[0]] = tensor
+                bigger[name][key][:used] = tensor[:used]
         self.mimi_state = bigger
 
     def _fresh_mimi_state(self, slots: int):
@@ -1627,6 +1731,7 @@ class Engine:
         self.max_reference_seconds = max_reference_seconds
         self._counts = threading.Condition()
         self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
+        self._prefilling = threading.Lock()  # one prefill at a time, in arrival order
         self.waiting = self.active = 0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
@@ -1775,9 +1880,15 @@ class Engine:
             self.cache.forget(self.content_key(source))
 
     def warm_up(self, voice_state):
-        """One short generation at start-up: torch's first run on new threads is slow."""
+        """One short generation at start-up (torch's first run on new threads is slow), then
+        the batch's step time measured at growing sizes, for admission."""
         for _ in self.generate("Hello.", voice_state, threading.Event()):
             pass
+        if self.scheduler is not None:
+            stop = threading.Event()
+            self.scheduler.calibrate(
+                lambda frames: self._row("Hello.", voice_state, stop, 0, max_frames=frames)
+            )
         self._recent.clear()
 
     # -- text -------------------------------------------------------------------------------------
@@ -1872,35 +1983,51 @@ class Engine:
             finally:
                 stream.close()
             return
-        import torch
         from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
-        from pocket_tts.models.text_chunking import prepare_text_prompt, split_into_best_sentences
+        from pocket_tts.models.text_chunking import split_into_best_sentences
 
-        m = self.model
-        options = (m.pad_with_spaces_for_short_inputs, m.remove_semicolons,
-                   m.append_terminal_punctuation, m.capitalize_first_letter,
-                   m.replace_characters)  # fmt: skip
         # What pocket-tts's generate_audio_stream does with a chunk, up to its generation.
-        tokenizer = m.flow_lm.conditioner.tokenizer
-        for part in split_into_best_sentences(tokenizer, sentence, MAX_TOKEN_PER_CHUNK, *options):
-            text, frames_after_guess = prepare_text_prompt(part, *options)
-            tokens = m.flow_lm.conditioner.prepare(text)
-            frames_after = m.model_recommended_frames_after_eos
-            prefix, length = prefill(m, voice_state, tokens)
-            row = Sentence(
-                prefix=prefix,
-                length=length,
-                max_frames=m._estimate_max_gen_len(tokens.shape[1]),
-                frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
-                generator=torch.Generator().manual_seed(seed % 2**63),
-                stop=stop,
-            )
-            self.scheduler.submit(row)
+        tokenizer = self.model.flow_lm.conditioner.tokenizer
+        parts = split_into_best_sentences(tokenizer, sentence, MAX_TOKEN_PER_CHUNK,
+                                          *self._text_options())  # fmt: skip
+        for part in parts:
+            row = self._row(part, voice_state, stop, seed)
+            self.scheduler.submit_all([row])
             while (audio := row.audio.get()) is not None:
                 if isinstance(audio, Exception):
                     raise audio
                 yield audio
             seed += 7919
+
+    def _text_options(self) -> tuple:
+        m = self.model
+        return (m.pad_with_spaces_for_short_inputs, m.remove_semicolons,
+                m.append_terminal_punctuation, m.capitalize_first_letter,
+                m.replace_characters)  # fmt: skip
+
+    def _row(self, part: str, voice_state, stop, seed: int, max_frames: int | None = None):
+        """A batch row for one chunk of text, its prefix computed by pocket-tts.
+
+        Prefills run one at a time, in arrival order: when several requests arrive at once, the
+        first starts speaking after one prefill instead of all of them after all of them.
+        """
+        import torch
+        from pocket_tts.models.text_chunking import prepare_text_prompt
+
+        m = self.model
+        text, frames_after_guess = prepare_text_prompt(part, *self._text_options())
+        tokens = m.flow_lm.conditioner.prepare(text)
+        frames_after = m.model_recommended_frames_after_eos
+        with self._prefilling:
+            prefix, length = prefill(m, voice_state, tokens)
+        return Sentence(
+            prefix=prefix,
+            length=length,
+            max_frames=max_frames or m._estimate_max_gen_len(tokens.shape[1]),
+            frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
+            generator=torch.Generator().manual_seed(seed % 2**63),
+            stop=stop,
+        )
 
     def _faded(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
+import functools
 import io
 import json
 import logging
@@ -2664,6 +2666,28 @@ class TestBatching:
         assert srv.check_internals(real.model) == []  # an upgrade that breaks the adapter: named
         assert real.server.engine.scheduler is not None
         assert requests.get(f"{real.url}/health").json()["batched"] is True
+
+    def test_admission_starts_from_measured_step_times(self, real):
+        """Start-up calibration ran batches of 1, 2, 4, ...; estimates interpolate between them."""
+        scheduler = real.server.engine.scheduler
+        assert {1, 2, 4} <= set(scheduler.step_seconds)
+        fake = SimpleNamespace(step_seconds={1: 0.04, 2: 0.05, 4: 0.07})
+        estimate = functools.partial(srv.BatchScheduler.step_estimate, fake)
+        assert estimate(1) == 0.04 and estimate(3) == pytest.approx(0.06)
+        assert estimate(8) == pytest.approx(0.07 + 4 * 0.01)  # the last slope, onwards
+        fake.step_seconds = {2: 0.05}
+        assert estimate(1) == 0.05 and estimate(4) == pytest.approx(0.05 * (1 + 0.5))
+
+    def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
+        layers = real.model.flow_lm.transformer.layers
+        packed = srv.pack_linears(layers)
+        assert len(packed) == 4 * len(layers)  # in_proj, out_proj, linear1, linear2
+        linear = srv.packed_linear(packed)
+        for module in (layers[0].self_attn.in_proj, layers[-1].linear2):
+            for rows in (1, 3, 8):
+                x = torch.randn(rows, 1, module.in_features)
+                assert torch.allclose(linear(module, x), module(x), rtol=1e-4, atol=1e-5)
+        assert srv.pack_linears([copy.deepcopy(layers[0]).double()]) == {}  # F.linear then
 
     def test_check_internals_names_what_an_upgrade_removed(self, real, monkeypatch):
         monkeypatch.delattr(type(real.model), "_expand_kv_cache")
