@@ -674,6 +674,7 @@ STATE_EXTENSION = ".safetensors"  # a voice state exported by `pocket-tts export
 MAX_REFERENCE_SECONDS = 30.0  # pocket-tts's own truncation length for voice prompts
 MIN_REFERENCE_SECONDS = 0.5
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
+UPLOADS_MANIFEST = ".uploads.json"  # the voices-dir files that came from uploads, by name
 UPLOAD_PREFIX = ".upload-"  # an upload being validated: ".upload-<pid>-<thread><suffix>"
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
@@ -992,11 +993,33 @@ class VoiceCatalog:
             for name in self.voice_map
         ]
         entries += [{"id": b, "kind": "builtin"} for b in self.builtins]
-        entries += [{"id": stem, "kind": "custom", "file": p.name}
+        uploaded = self.uploaded()
+        entries += [{"id": stem, "kind": "custom", "file": p.name,
+                     "origin": "upload" if p.name in uploaded else "folder"}
                     for stem, p in files.items()]  # fmt: skip
         for entry in entries:
             entry.update(object="voice", name=entry["id"], default=entry["id"] == self.default.name)
         return entries
+
+    def uploaded(self) -> set[str]:
+        """Names of the voices-dir files that came from uploads (the rest were put there)."""
+        try:
+            names = json.loads((self.voices_dir / UPLOADS_MANIFEST).read_text())
+        except (OSError, ValueError):
+            return set()
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+    def mark_uploaded(self, file_name: str, uploaded: bool):
+        """Record that a voices-dir file came from an upload, or forget it (written atomically)."""
+        names = self.uploaded()
+        names = names | {file_name} if uploaded else names - {file_name}
+        tmp = self.voices_dir / f"{UPLOAD_PREFIX}{os.getpid()}-{threading.get_ident()}.json"
+        try:
+            tmp.write_text(json.dumps(sorted(names)))
+            os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
+        except OSError as exc:
+            logger.warning("could not record uploaded voices in %s: %s", UPLOADS_MANIFEST, exc)
+            tmp.unlink(missing_ok=True)
 
     def kind_of(self, name: str) -> str | None:
         """Which kind a client-visible name is, if any (for clashes and deletes)."""
@@ -2245,7 +2268,14 @@ class AudioEncoder:
 # =================================================================================================
 
 CORS_EXPOSED = "Retry-After, x-request-id, Content-Disposition"
-OPEN_PATHS = ("/", "/health", "/openapi.json", "/pocket-tts-logo.png", "/favicon.ico")
+OPEN_PATHS = (
+    "/",
+    "/health",
+    "/openapi.json",
+    "/pocket-tts-logo.png",
+    "/favicon.ico",
+    "/favicon.svg",
+)
 # Listings stay open under --api_key: Open WebUI fetches them with no key and, on a 401, silently
 # offers six stock voice names instead of this server's.
 DISCOVERY_PATHS = ("/v1/models", "/v1/audio/models", "/v1/voices", "/v1/audio/voices")
@@ -2497,7 +2527,8 @@ class SpeechServer:
         routes = [
             ("/", self.page, ["GET"]),
             ("/pocket-tts-logo.png", self.logo, ["GET"]),
-            ("/favicon.ico", self.logo, ["GET"]),
+            ("/favicon.svg", self.favicon, ["GET"]),
+            ("/favicon.ico", self.favicon, ["GET"]),
             ("/health", self.health, ["GET"]),
             ("/openapi.json", self.openapi, ["GET"]),
             ("/v1/models", self.models, ["GET"]),
@@ -2906,6 +2937,7 @@ class SpeechServer:
                     raise taken
                 os.replace(tmp, folder / f"{name}{suffix}")
                 kept = True
+                self.voices.mark_uploaded(f"{name}{suffix}", True)
         except VoiceError as exc:
             raise invalid(field, str(exc)) from None
         except OSError:
@@ -2966,6 +2998,8 @@ class SpeechServer:
             self.engine.forget_voice(self.voices.lookup(name))
         try:
             entry.unlink(missing_ok=True)
+            with self.naming:
+                self.voices.mark_uploaded(entry.name, False)
         except IsADirectoryError:
             message = f"{entry.name!r} is a folder, not a voice file: remove it on the server."
             raise ApiError(409, message, "name", "not_deletable") from None
@@ -2981,6 +3015,10 @@ class SpeechServer:
     def logo(self):
         headers = {"Cache-Control": "public, max-age=86400"}
         return Response(LOGO_PNG, content_type="image/png", headers=headers)
+
+    def favicon(self):
+        headers = {"Cache-Control": "public, max-age=86400"}
+        return Response(FAVICON_SVG, content_type="image/svg+xml", headers=headers)
 
 
 # =================================================================================================
@@ -3354,43 +3392,56 @@ PAGE_HTML = r"""<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <title>pocket-tts studio</title>
-<link rel="icon" type="image/png" href="/pocket-tts-logo.png">
+<link rel="icon" type="image/svg+xml" href="/favicon.svg">
 <style>
-/* ---- theme: light by default, dark by prefers-color-scheme ---------------------------------- */
+/* ---- theme: light by default, dark by prefers-color-scheme (text contrast >= 4.5:1) --------- */
 :root {
-  --bg: #f6f5f2; --panel: #ffffff; --ink: #181c26; --muted: #646b7a; --line: #e3e1dc;
-  --accent: #ff6b4a; --accent-ink: #ffffff; --accent-soft: #ffe9e3; --danger: #c62f2f;
-  --ok: #1f8a4c; --focus: #2f6fed; --shadow: 0 1px 2px rgba(0,0,0,.05), 0 4px 16px rgba(0,0,0,.05);
+  --bg: #f6f5f2; --panel: #ffffff; --ink: #181c26; --muted: #5b6270; --line: #e3e1dc;
+  --accent: #b83a14; --fill: #c2410c; --fill-ink: #ffffff; --soft: #fbe9e2; --danger: #b42318;
+  --focus: #2f6fed; --wave: #d9d6cf;
+  --shadow: 0 1px 2px rgba(0,0,0,.05), 0 4px 16px rgba(0,0,0,.05);
 }
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #14161c; --panel: #1d2029; --ink: #eceef3; --muted: #9aa1b0; --line: #2e3240;
-    --accent: #ff7a5c; --accent-ink: #1a0d08; --accent-soft: #3a221c; --danger: #ff6b6b;
-    --ok: #4cc38a; --focus: #7aa2ff; --shadow: none;
+    --accent: #ff7a5c; --fill: #ff7a5c; --fill-ink: #1a0d08; --soft: #3a221c; --danger: #ff6b6b;
+    --focus: #7aa2ff; --wave: #3a3f4e; --shadow: none;
   }
 }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--ink);
   font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 :focus-visible { outline: 2px solid var(--focus); outline-offset: 2px; }
-.wrap { max-width: 1080px; margin: 0 auto; padding: 20px 20px 48px; }
+[hidden] { display: none !important; }
+.wrap { max-width: 1120px; margin: 0 auto; padding: 20px 20px 48px; }
+.sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
+  white-space: nowrap; }
 
-/* ---- header -------------------------------------------------------------------------------- */
-header { display: flex; align-items: center; gap: 14px; margin-bottom: 18px; }
-header img { width: 52px; height: 52px; object-fit: cover; object-position: left; }
+/* ---- header and banners -------------------------------------------------------------------- */
+header { display: flex; align-items: center; gap: 14px; margin-bottom: 18px; flex-wrap: wrap; }
+header img { width: 48px; height: 48px; object-fit: cover; object-position: left; }
 header h1 { font-size: 26px; margin: 0; letter-spacing: -.5px; font-weight: 600; }
 header h1 span { color: var(--accent); margin-left: .12em; }
-#status { margin-left: auto; font-size: 13px; color: var(--muted); text-align: right; }
+.status { margin-left: auto; display: flex; gap: 10px; align-items: center; font-size: 13px;
+  color: var(--muted); }
+.banner { border: 1px solid var(--danger); border-radius: 12px; padding: 10px 14px;
+  margin-bottom: 16px; background: var(--panel); }
 
-/* ---- layout -------------------------------------------------------------------------------- */
-main { display: grid; grid-template-columns: minmax(0, 1.6fr) minmax(0, 1fr); gap: 18px; }
-@media (max-width: 760px) { main { grid-template-columns: 1fr; } #status { display: none; } }
+/* ---- layout: compose and voices on the left; player and results beside them ---------------- */
+main { display: grid; gap: 18px; grid-template-columns: minmax(0, 1.35fr) minmax(0, 1fr);
+  grid-template-areas: "key key" "compose side" "voices side"; align-items: start; }
+#key-card { grid-area: key; } #compose { grid-area: compose; } #voices { grid-area: voices; }
+.side { grid-area: side; display: grid; gap: 18px; }
+@media (max-width: 900px) {
+  main { grid-template-columns: minmax(0, 1fr);
+    grid-template-areas: "key" "compose" "side" "voices"; }
+}
 section { background: var(--panel); border: 1px solid var(--line); border-radius: 14px;
-  padding: 18px; box-shadow: var(--shadow); }
-section h2 { font-size: 14px; text-transform: uppercase; letter-spacing: .6px; color: var(--muted);
+  padding: 18px; box-shadow: var(--shadow); min-width: 0; }
+h2 { font-size: 14px; text-transform: uppercase; letter-spacing: .6px; color: var(--muted);
   margin: 0 0 12px; font-weight: 600; }
-.side { display: grid; gap: 18px; align-content: start; }
-#results-panel { grid-column: 1 / -1; }
+h3 { font-size: 14px; margin: 16px 0 2px; font-weight: 600; }
+.title-row { display: flex; justify-content: space-between; align-items: baseline; gap: 8px; }
 
 /* ---- controls ------------------------------------------------------------------------------ */
 label { font-size: 13px; color: var(--muted); display: block; margin-bottom: 4px; }
@@ -3398,86 +3449,123 @@ textarea, select, input[type=text], input[type=password] { width: 100%; font: in
   color: inherit; background: var(--bg); border: 1px solid var(--line); border-radius: 10px;
   padding: 9px 11px; }
 textarea { min-height: 150px; resize: vertical; }
-.row { display: grid; grid-template-columns: 1.4fr 1fr 1.2fr; gap: 12px; margin-top: 12px; }
-@media (max-width: 520px) { .row { grid-template-columns: 1fr; } }
-.chips { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 10px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 12px;
+  margin-top: 12px; }
+.wide { grid-column: 1 / -1; }
+.inline { display: flex; gap: 8px; align-items: center; }
+.inline > :first-child { flex: 1; min-width: 0; }
 button { font: inherit; cursor: pointer; white-space: nowrap; border-radius: 10px;
   border: 1px solid var(--line); background: var(--panel); color: var(--ink); padding: 7px 12px; }
-button:hover { border-color: var(--accent); }
-button:disabled { opacity: .5; cursor: not-allowed; }
+button:hover:not(:disabled) { border-color: var(--accent); }
+button:disabled { opacity: .55; cursor: not-allowed; }
+.chips { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 10px; align-items: center; }
 .chip { border-radius: 999px; font-size: 13px; padding: 5px 12px; }
-.primary { background: var(--accent); color: var(--accent-ink); border-color: var(--accent);
+.link { border: 0; background: none; color: var(--accent); padding: 2px 4px;
+  text-decoration: underline; font-size: 13px; }
+.primary { background: var(--fill); color: var(--fill-ink); border-color: var(--fill);
   font-weight: 600; padding: 10px 22px; }
 .primary.stop { background: var(--ink); border-color: var(--ink); color: var(--bg); }
 .counter { font-size: 12px; color: var(--muted); text-align: right; margin-top: 4px; }
 .counter.over { color: var(--danger); font-weight: 600; }
 .speed { display: flex; align-items: center; gap: 8px; }
-.speed input { flex: 1; accent-color: var(--accent); }
+.speed input { flex: 1; accent-color: var(--fill); min-width: 0; }
 .speed output { min-width: 44px; text-align: right; font-variant-numeric: tabular-nums; }
 .actions { display: flex; align-items: center; gap: 14px; margin-top: 16px; flex-wrap: wrap; }
-#metrics { font-size: 13px; color: var(--muted); font-variant-numeric: tabular-nums; }
+.hint, .metrics { font-size: 13px; color: var(--muted); margin: 6px 0 0; }
+.metrics { margin: 0; font-variant-numeric: tabular-nums; }
 kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-radius: 4px;
   padding: 0 4px; }
-#player { width: 100%; margin-top: 12px; }
-.alert { border-radius: 10px; padding: 10px 12px; margin-bottom: 14px; font-size: 14px;
-  border: 1px solid var(--danger); color: var(--danger); background: transparent; }
-.alert[hidden] { display: none; }
+.error { color: var(--danger); font-size: 14px; margin: 10px 0 0; }
+.error::before { content: "⚠ "; }
 
-/* ---- cloning ------------------------------------------------------------------------------- */
-.drop { display: block; border: 1.5px dashed var(--line); border-radius: 12px; padding: 18px;
-  text-align: center; color: var(--muted); cursor: pointer; transition: border-color .15s; }
-.drop:hover, .drop.over, .drop:focus-within { border-color: var(--accent); color: var(--ink); }
-.drop input { position: absolute; opacity: 0; width: 1px; height: 1px; }
-.clone-row { display: flex; gap: 8px; margin-top: 10px; }
-.voices { list-style: none; padding: 0; margin: 12px 0 0; display: grid; gap: 6px; }
-.voices li { display: flex; align-items: center; justify-content: space-between; gap: 8px;
-  background: var(--bg); border-radius: 8px; padding: 6px 6px 6px 10px; font-size: 14px; }
-.icon { padding: 3px 9px; font-size: 13px; }
-.hint { font-size: 12px; color: var(--muted); margin: 8px 0 0; }
+/* ---- player -------------------------------------------------------------------------------- */
+.now { display: flex; justify-content: space-between; gap: 10px; font-size: 14px; }
+.now b { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#wave { width: 100%; height: 72px; display: block; margin: 10px 0; cursor: pointer; }
+.transport { display: flex; align-items: center; gap: 8px; flex-wrap: wrap; }
+.transport input[type=range] { flex: 1; min-width: 120px; accent-color: var(--fill); }
+.time { font-size: 13px; font-variant-numeric: tabular-nums; color: var(--muted); }
+.meter { width: 100%; height: 6px; border-radius: 3px; background: var(--wave); overflow: hidden;
+  margin-top: 10px; }
+.meter div { height: 100%; width: 0; background: var(--fill); transition: width 60ms linear; }
 
-/* ---- results ------------------------------------------------------------------------------- */
-#results { list-style: none; padding: 0; margin: 0; display: grid; gap: 10px; }
-#results li { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 6px 14px;
-  align-items: center; border-top: 1px solid var(--line); padding-top: 10px; }
-#results li:first-child { border-top: 0; padding-top: 0; }
-.meta { font-size: 13px; color: var(--muted); }
-.meta b { color: var(--ink); font-weight: 600; }
+/* ---- results and voices -------------------------------------------------------------------- */
+.list { list-style: none; padding: 0; margin: 8px 0 0; display: grid; gap: 8px; }
+.list li { display: flex; align-items: center; gap: 8px; background: var(--bg);
+  border-radius: 10px; padding: 8px 8px 8px 12px; font-size: 14px; flex-wrap: wrap; }
+.list li[aria-current=true] { outline: 2px solid var(--fill); }
+.list .grow { flex: 1; min-width: 0; }
+.list .meta { font-size: 12px; color: var(--muted); }
 .snippet { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-#results audio { width: 100%; height: 36px; grid-column: 1 / -1; }
-.empty { color: var(--muted); font-size: 14px; }
+.small { padding: 3px 9px; font-size: 13px; }
+.badge { font-size: 11px; border: 1px solid var(--line); border-radius: 999px; padding: 0 7px;
+  color: var(--muted); }
+.empty { color: var(--muted); font-size: 14px; margin: 4px 0 0; }
+.drop { display: block; border: 1.5px dashed var(--line); border-radius: 12px; padding: 16px;
+  text-align: center; color: var(--muted); cursor: pointer; }
+.drop:hover, .drop:focus-within { border-color: var(--accent); color: var(--ink); }
+.drop input { position: absolute; opacity: 0; width: 1px; height: 1px; }
+#dropzone { position: fixed; inset: 0; display: grid; place-items: center; z-index: 10;
+  background: color-mix(in srgb, var(--bg) 85%, transparent); border: 3px dashed var(--fill);
+  font-size: 22px; font-weight: 600; pointer-events: none; }
+dialog { border: 1px solid var(--line); border-radius: 14px; background: var(--panel);
+  color: var(--ink); max-width: 420px; padding: 20px; }
+dialog::backdrop { background: rgba(0, 0, 0, .4); }
+dialog .actions { justify-content: flex-end; }
+.danger { background: var(--danger); border-color: var(--danger); color: #fff; font-weight: 600; }
+@media (prefers-color-scheme: dark) { .danger { color: #1a0808; } }
 </style>
 </head>
 <body>
 <div class="wrap">
   <header>
-    <img src="/pocket-tts-logo.png" alt="pocket-tts logo" width="52" height="52">
+    <img src="/pocket-tts-logo.png" alt="" width="48" height="48">
     <h1>pocket<span>tts</span> studio</h1>
-    <div id="status" aria-live="polite">connecting…</div>
+    <div class="status">
+      <span id="status">connecting…</span>
+      <button type="button" id="key-change" class="small" hidden>Change key</button>
+    </div>
   </header>
 
-  <div id="error" class="alert" role="alert" hidden></div>
-  <form id="key-form" class="alert" hidden>
-    <label for="api-key">This server needs an API key. It is kept in this browser only.</label>
-    <div class="clone-row">
-      <input id="api-key" type="password" autocomplete="current-password" required>
-      <button type="submit">Save key</button>
-    </div>
-  </form>
+  <div id="offline" class="banner" role="alert" hidden>
+    Can't reach the server. It may have stopped or be restarting; this page retries by itself.
+  </div>
 
   <main>
-    <!-- Compose: text, voice, format, speed, generate --------------------------------------- -->
-    <section aria-labelledby="compose-title">
+    <!-- API key: asked only when the server has one ------------------------------------------- -->
+    <section id="key-card" aria-labelledby="key-title" hidden>
+      <h2 id="key-title">API key</h2>
+      <form id="key-form">
+        <label for="api-key">This server asks for an API key. It is kept in this browser
+          only.</label>
+        <div class="inline">
+          <input id="api-key" type="password" autocomplete="current-password" required>
+          <button type="submit" id="key-save">Use key</button>
+          <button type="button" id="key-forget" hidden>Forget key</button>
+        </div>
+        <p id="key-error" class="error" role="alert" hidden></p>
+      </form>
+    </section>
+
+    <!-- Compose: text, voice, format, speed, generate ----------------------------------------- -->
+    <section id="compose" aria-labelledby="compose-title">
       <h2 id="compose-title">Text</h2>
-      <div class="chips" role="group" aria-label="Ready prompts">
+      <div class="chips" role="group" aria-label="Example texts">
         <button type="button" class="chip" data-prompt="greeting">Short greeting</button>
         <button type="button" class="chip" data-prompt="numbers">Numbers &amp; dates</button>
         <button type="button" class="chip" data-prompt="long">Long passage</button>
+        <span id="undo-note" class="hint" hidden>Your text was replaced.
+          <button type="button" id="undo" class="link">Undo</button></span>
       </div>
       <label for="text">What should it say?</label>
       <textarea id="text" spellcheck="true"></textarea>
-      <div id="counter" class="counter" aria-live="polite"></div>
-      <div class="row">
-        <div><label for="voice">Voice</label><select id="voice"></select></div>
+      <div id="counter" class="counter"></div>
+      <div id="counter-alert" class="sr-only" aria-live="polite"></div>
+      <div class="grid">
+        <div class="wide"><label for="voice">Voice</label>
+          <div class="inline"><select id="voice"></select>
+            <button type="button" id="voice-preview" class="small"
+                    aria-label="Preview the selected voice">Preview</button></div></div>
         <div><label for="format">Format</label>
           <select id="format">
             <option value="mp3">MP3</option><option value="opus">Opus</option>
@@ -3492,45 +3580,78 @@ kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-
       <div class="actions">
         <button type="button" id="generate" class="primary">Generate</button>
         <span class="hint"><kbd>Ctrl</kbd>/<kbd>⌘</kbd> + <kbd>Enter</kbd></span>
-        <span id="metrics" aria-live="polite"></span>
+        <p id="metrics" class="metrics" aria-live="polite"></p>
       </div>
-      <audio id="player" controls></audio>
+      <p id="compose-error" class="error" role="alert" hidden></p>
     </section>
 
     <div class="side">
-      <!-- Clone: upload a recording, manage your voices ------------------------------------ -->
-      <section aria-labelledby="clone-title">
-        <h2 id="clone-title">Clone a voice</h2>
-        <label class="drop" id="drop">
-          <input id="clone-file" type="file" accept="audio/*,.wav,.mp3,.flac,.ogg,.opus,.m4a,.webm">
-          <span id="drop-text">Drop a recording here, or click to choose one.<br>
-            5–30 s of clear speech works best.</span>
-        </label>
-        <div class="clone-row">
-          <input id="clone-name" type="text" placeholder="Voice name" aria-label="Voice name"
-                 maxlength="64">
-          <button type="button" id="clone-add" disabled>Add voice</button>
+      <!-- The one player: every format, while it streams and after ---------------------------- -->
+      <section id="player" aria-labelledby="player-title" hidden>
+        <h2 id="player-title">Player</h2>
+        <div class="now"><b id="now-title"></b><span id="now-meta" class="time"></span></div>
+        <canvas id="wave" aria-hidden="true"></canvas>
+        <div class="transport">
+          <button type="button" id="play">Play</button>
+          <button type="button" id="stop">Stop</button>
+          <input id="seek" type="range" min="0" max="0" step="0.01" value="0" aria-label="Position">
+          <span id="time" class="time">0:00 / 0:00</span>
         </div>
-        <ul id="my-voices" class="voices" aria-label="Your voices"></ul>
+        <div class="meter" aria-hidden="true"><div id="level"></div></div>
+        <p id="player-note" class="hint" hidden></p>
+      </section>
+
+      <!-- Results of this session ------------------------------------------------------------- -->
+      <section id="results-card" aria-labelledby="results-title">
+        <div class="title-row"><h2 id="results-title">Results</h2>
+          <button type="button" id="clear-results" class="small" hidden>Clear all</button></div>
+        <p id="results-empty" class="empty">Generated audio appears here.</p>
+        <p id="save-error" class="error" role="alert" hidden></p>
+        <ul id="results" class="list"></ul>
       </section>
     </div>
 
-    <!-- Results of this session ------------------------------------------------------------- -->
-    <section id="results-panel" aria-labelledby="results-title">
-      <h2 id="results-title">Results</h2>
-      <ul id="results"><li class="empty">Generated audio appears here.</li></ul>
+    <!-- Voices: clone by upload or drop; preview; remove uploads ------------------------------ -->
+    <section id="voices" aria-labelledby="voices-title">
+      <h2 id="voices-title">Voices</h2>
+      <label class="drop">
+        <input id="clone-file" type="file" accept="audio/*,.wav,.mp3,.flac,.ogg,.opus,.m4a,.webm">
+        <span id="drop-text">Drop a recording anywhere on this page, or click to choose one.<br>
+          5–30 s of clear speech works best.</span>
+      </label>
+      <div class="inline" style="margin-top: 10px">
+        <input id="clone-name" type="text" placeholder="Voice name" aria-label="Voice name"
+               maxlength="64">
+        <button type="button" id="clone-add" disabled>Add voice</button>
+      </div>
+      <p id="clone-error" class="error" role="alert" hidden></p>
+      <h3 id="mine-title">Your voices</h3>
+      <p class="hint">Uploaded from this page.</p>
+      <ul id="my-voices" class="list" aria-labelledby="mine-title"></ul>
+      <h3 id="theirs-title">On the server</h3>
+      <p class="hint">Built into the model or put in the server's voices folder.</p>
+      <ul id="server-voices" class="list" aria-labelledby="theirs-title"></ul>
+      <p id="voices-error" class="error" role="alert" hidden></p>
     </section>
   </main>
 </div>
 
+<div id="dropzone" hidden>Drop the recording to clone its voice</div>
+<dialog id="confirm" aria-labelledby="confirm-text">
+  <p id="confirm-text"></p>
+  <div class="actions">
+    <button type="button" value="cancel" id="confirm-cancel">Cancel</button>
+    <button type="button" value="ok" id="confirm-ok" class="danger">Remove</button>
+  </div>
+</dialog>
 <script>
 "use strict";
-// ---- state and small helpers ----------------------------------------------------------------
+// ---- constants and small helpers ------------------------------------------------------------
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "pocket-tts-api-key";
-const SAMPLE_RATE = 24000;
-const MIME = { mp3: "audio/mpeg", opus: "audio/ogg; codecs=opus", aac: "audio/aac",
-               flac: "audio/flac", wav: "audio/wav", pcm: "audio/pcm" };
+const MIME = { mp3: "audio/mpeg", opus: "audio/ogg", aac: "audio/aac", flac: "audio/flac",
+               wav: "audio/wav", pcm: "audio/pcm" };
+const PREVIEW_TEXT = "Hello! This is how I sound.";
 const PROMPTS = {
   greeting: "Hello! I'm pocket-tts, a small text-to-speech model running right here on " +
             "this machine.",
@@ -3544,216 +3665,17 @@ const PROMPTS = {
         "and he liked it that way. The light did not ask who was out there. It simply kept " +
         "turning, patient and bright, until the morning came back over the hills.",
 };
-const ui = { maxChars: 4096, defaultVoice: null, job: null, results: 0 };
+const ui = { maxChars: 4096, defaultVoice: null, auth: false, job: null, takes: [],
+             previews: new Map(), undoText: "", over: false, cloneFile: null };
 let apiKey = localStorage.getItem(KEY_STORAGE) || "";
 
-class ApiError extends Error {
-  constructor(message, status) { super(message); this.status = status; }
-}
+const codePoints = (text) => [...text].length;  // how the server counts characters
+const clock = (s) => `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
 
-/** fetch() against the API: adds the key, turns OpenAI error objects into ApiError. */
-async function api(path, options = {}) {
-  const headers = new Headers(options.headers || {});
-  if (apiKey) headers.set("Authorization", "Bearer " + apiKey);
-  const response = await fetch(path, { ...options, headers });
-  if (response.ok) return response;
-  let message = `${response.status} ${response.statusText}`;
-  try { message = (await response.json()).error.message || message; } catch (_) { /* not JSON */ }
-  if (response.status === 401) showKeyForm();
-  throw new ApiError(message, response.status);
-}
-
-function showError(error) {
-  if (error && error.name === "AbortError") return;
-  $("error").textContent = error instanceof Error ? error.message : String(error);
-  $("error").hidden = false;
-}
-function clearError() { $("error").hidden = true; $("error").textContent = ""; }
-function showKeyForm() { $("key-form").hidden = false; $("api-key").focus(); }
-
-// ---- server status and voices ---------------------------------------------------------------
-async function loadStatus() {
-  const health = await (await fetch("/health")).json();
-  ui.maxChars = health.max_input_chars || ui.maxChars;
-  ui.defaultVoice = health.default_voice;
-  if (health.auth && !apiKey) showKeyForm();  // listings are open: ask before the first 401
-  const model = health.model.split(/[\\/]/).pop();
-  $("status").textContent = `${model} · ${health.device} · ${health.sample_rate / 1000} kHz`;
-  updateCounter();
-}
-
-async function loadVoices(select) {
-  const listing = await (await api("/v1/voices")).json();
-  ui.defaultVoice = listing.default;
-  const current = select || $("voice").value || listing.default;
-  const groups = { builtin: "Built-in voices", custom: "Your voices", openai: "OpenAI names" };
-  const voice = $("voice");
-  voice.replaceChildren();
-  if (!listing.data.some((v) => v.id === listing.default)) {
-    // A default given as a file path is not a listed name: "" asks the server for its default.
-    voice.append(new Option(`${listing.default} (default)`, ""));
-  }
-  for (const [kind, title] of Object.entries(groups)) {
-    const entries = listing.data.filter((v) => v.kind === kind);
-    if (!entries.length) continue;
-    const group = document.createElement("optgroup");
-    group.label = title;
-    for (const v of entries) {
-      const label = kind === "openai" ? `${v.id} → ${v.maps_to}` : v.id;
-      group.append(new Option(v.default ? `${label} (default)` : label, v.id));
-    }
-    voice.append(group);
-  }
-  const known = (id) => [...voice.options].some((o) => o.value === id);
-  voice.value = known(current) ? current : known(listing.default) ? listing.default : "";
-  renderMyVoices(listing.data.filter((v) => v.kind === "custom"));
-}
-
-function renderMyVoices(voices) {
-  const list = $("my-voices");
-  list.replaceChildren();
-  for (const v of voices) {
-    const item = document.createElement("li");
-    const name = document.createElement("span");
-    name.textContent = v.id;
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "icon";
-    remove.textContent = "Remove";
-    remove.setAttribute("aria-label", `Remove voice ${v.id}`);
-    remove.addEventListener("click", () => removeVoice(v.id));
-    item.append(name, remove);
-    list.append(item);
-  }
-}
-
-// ---- cloning: pick or drop a file, upload it through the voice management API --------------
-let cloneFile = null;
-
-function pickCloneFile(file) {
-  if (!file) return;
-  cloneFile = file;
-  $("drop-text").textContent = `${file.name} (${(file.size / 1024 / 1024).toFixed(1)} MB)`;
-  const stem = file.name.replace(/\.[^.]+$/, "").slice(0, 64);
-  if (!$("clone-name").value) $("clone-name").value = stem;
-  $("clone-add").disabled = false;
-}
-
-async function addVoice() {
-  if (!cloneFile) return;
-  clearError();
-  const button = $("clone-add");
-  button.disabled = true;
-  button.textContent = "Adding…";
-  try {
-    const form = new FormData();
-    form.append("name", $("clone-name").value.trim());
-    form.append("file", cloneFile, cloneFile.name);
-    const voice = await (await api("/v1/voices", { method: "POST", body: form })).json();
-    cloneFile = null;
-    $("clone-file").value = "";
-    $("clone-name").value = "";
-    $("drop-text").textContent = `Added “${voice.id}”. Drop another recording to add more.`;
-    await loadVoices(voice.id);
-  } catch (error) {
-    showError(error);
-  } finally {
-    button.textContent = "Add voice";
-    button.disabled = !cloneFile;
-  }
-}
-
-async function removeVoice(name) {
-  clearError();
-  try {
-    await api(`/v1/voices/${encodeURIComponent(name)}`, { method: "DELETE" });
-    await loadVoices($("voice").value === name ? ui.defaultVoice : undefined);
-  } catch (error) { showError(error); }
-}
-
-// ---- players: audio starts while the server is still generating -----------------------------
-
-/** Raw 16-bit PCM (pcm, or wav after its header) scheduled gap-free with Web Audio. */
-class PcmPlayer {
-  constructor(hasWavHeader) {
-    this.ctx = new AudioContext({ sampleRate: SAMPLE_RATE });
-    this.next = 0;
-    this.pending = new Uint8Array(0);  // odd bytes, or a WAV header still arriving
-    this.inHeader = hasWavHeader;
-    this.pcm = [];                     // every sample byte, to build the result file
-  }
-  push(bytes) {
-    let data = concat(this.pending, bytes);
-    if (this.inHeader) {
-      const at = findDataChunk(data);
-      if (at < 0) { this.pending = data; return false; }
-      data = data.subarray(at);
-      this.inHeader = false;
-    }
-    const even = data.length - (data.length % 2);
-    this.pending = data.slice(even);
-    if (!even) return false;
-    const chunk = data.slice(0, even);
-    this.pcm.push(chunk);
-    const ints = new Int16Array(chunk.buffer, chunk.byteOffset, even / 2);
-    const buffer = this.ctx.createBuffer(1, ints.length, SAMPLE_RATE);
-    const floats = buffer.getChannelData(0);
-    for (let i = 0; i < ints.length; i++) floats[i] = ints[i] / 32768;
-    const source = this.ctx.createBufferSource();
-    source.buffer = buffer;
-    source.connect(this.ctx.destination);
-    this.next = Math.max(this.next, this.ctx.currentTime + 0.05);
-    source.start(this.next);
-    this.next += buffer.duration;
-    return true;
-  }
-  finish() { return Promise.resolve(); }
-  stop() { this.ctx.close(); }
-}
-
-/** Compressed formats the browser can stream (MediaSource), fed as bytes arrive. */
-class MsePlayer {
-  constructor(audio, mime) {
-    this.audio = audio;
-    this.queue = [];
-    this.done = false;
-    this.source = new MediaSource();
-    this.ready = new Promise((resolve) => this.source.addEventListener("sourceopen", () => {
-      this.buffer = this.source.addSourceBuffer(mime);
-      this.buffer.mode = "sequence";
-      this.buffer.addEventListener("updateend", () => this.pump());
-      resolve();
-    }, { once: true }));
-    audio.src = URL.createObjectURL(this.source);
-  }
-  push(bytes) {
-    this.queue.push(bytes);
-    this.ready.then(() => this.pump());
-    if (!this.started) { this.started = true; this.audio.play().catch(() => {}); }
-    return true;
-  }
-  pump() {
-    if (!this.buffer || this.buffer.updating) return;
-    if (this.queue.length) this.buffer.appendBuffer(this.queue.shift());
-    else if (this.done && this.source.readyState === "open") this.source.endOfStream();
-  }
-  async finish() { await this.ready; this.done = true; this.pump(); }
-  stop() { this.audio.pause(); }
-}
-
-/** Anything else (e.g. Ogg Opus where MediaSource lacks it): play once complete. */
-class BufferedPlayer {
-  push() { return false; }
-  finish() { return Promise.resolve(); }
-  stop() {}
-}
-
-function makePlayer(format) {
-  if (format === "pcm" || format === "wav") return new PcmPlayer(format === "wav");
-  if (window.MediaSource && MediaSource.isTypeSupported(MIME[format])) {
-    return new MsePlayer($("player"), MIME[format]);
-  }
-  return new BufferedPlayer();
+function fileSize(bytes) {
+  if (bytes < 1024) return `${bytes} bytes`;
+  if (bytes < 1024 * 1024) return `${Math.round(bytes / 1024)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
 function concat(a, b) {
@@ -3764,90 +3686,635 @@ function concat(a, b) {
   return out;
 }
 
-function findDataChunk(bytes) {  // offset of the first sample after the WAV "data" chunk header
+function element(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+// ---- talking to the server: the key, plain-word errors, a banner while it is unreachable ----
+class ApiError extends Error {
+  constructor(message, details = {}) { super(message); Object.assign(this, details); }
+}
+
+const FIELD_WORDS = { input: "the text", voice: "the voice", file: "the recording",
+                      audio_sample: "the recording", name: "the name", speed: "the speed",
+                      response_format: "the format" };
+
+/** An OpenAI error object, told in plain words (no API field names, no status codes). */
+function plainWords(status, { message = "", code } = {}) {
+  if (status === 401) return "This needs the server's API key.";
+  if (status === 413) return "That file is too large for this server.";
+  if (status === 429 || status === 503) return "The server is busy. Try again in a moment.";
+  if (status >= 500) return "The server ran into a problem. Try again, or see the server's log.";
+  if (code === "voice_not_found") return "That voice is no longer on the server. Pick another.";
+  if (code === "voice_in_use") return "This voice is the server's default, so it stays.";
+  const words = message.replace(/'(\w+)'/g, (quoted, field) => FIELD_WORDS[field] || quoted);
+  return words.charAt(0).toUpperCase() + words.slice(1) || "The request was refused.";
+}
+
+const connection = {
+  timer: null,
+  down() {
+    $("offline").hidden = false;
+    this.timer = this.timer || setInterval(() => this.probe(), 3000);
+  },
+  up() {
+    if (!this.timer) return;
+    clearInterval(this.timer);
+    this.timer = null;
+    $("offline").hidden = true;
+    refresh();
+  },
+  async probe() {
+    try {
+      if ((await fetch("/health", { cache: "no-store" })).ok) this.up();
+    } catch (_) { /* still down */ }
+  },
+};
+
+const OFFLINE = "Can't reach the server. Check that it is running, then try again.";
+
+/** fetch() against the API: adds the key; failures become ApiErrors in plain words. */
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (apiKey) headers.set("Authorization", "Bearer " + apiKey);
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    connection.down();
+    throw new ApiError(OFFLINE, { offline: true });
+  }
+  connection.up();
+  if (response.ok) return response;
+  let details = {};
+  try { details = (await response.json()).error || {}; } catch (_) { /* not JSON */ }
+  if (response.status === 401) keys.ask("The saved key is not accepted. Enter the current one.");
+  throw new ApiError(plainWords(response.status, details),
+                     { status: response.status, code: details.code, param: details.param });
+}
+
+/** An error shown where it happened (a 401 is handled by the key card instead). */
+function showError(where, error) {
+  if (error.name === "AbortError" || error.status === 401) return;
+  const box = $(where);
+  box.textContent = error.message || String(error);
+  box.hidden = false;
+  box.scrollIntoView({ block: "nearest" });
+}
+function clearError(where) { $(where).hidden = true; $(where).textContent = ""; }
+
+// ---- the API key: asked once, checked before it is kept ---------------------------------------
+const keys = {
+  ask(message = "") {
+    $("key-card").hidden = false;
+    $("key-forget").hidden = !apiKey;
+    $("api-key").value = apiKey;
+    if (message) showError("key-error", new Error(message));
+    $("api-key").focus();
+  },
+  async submit(event) {
+    event.preventDefault();
+    const candidate = $("api-key").value.trim();
+    clearError("key-error");
+    let status;
+    try {  // a listing that needs the key: 401 means it is wrong
+      const probe = `/v1/voices/${encodeURIComponent(ui.defaultVoice || "default")}`;
+      status = (await fetch(probe, { headers: { Authorization: "Bearer " + candidate } })).status;
+    } catch (_) {
+      showError("key-error", new Error(OFFLINE));
+      return;
+    }
+    if (status === 401) {
+      showError("key-error", new Error("That key was not accepted. Check it and try again."));
+      return;
+    }
+    apiKey = candidate;
+    localStorage.setItem(KEY_STORAGE, apiKey);
+    $("key-card").hidden = true;
+    $("key-change").hidden = false;
+    refresh();
+  },
+  forget() {
+    apiKey = "";
+    localStorage.removeItem(KEY_STORAGE);
+    this.ask();
+  },
+};
+
+// ---- decoding: every format to float samples as its bytes arrive --------------------------------
+// pcm and wav are 16-bit samples; mp3, aac, opus and flac are cut into whole frames (the
+// "framers" below) for WebCodecs' AudioDecoder. Without WebCodecs a take plays once complete.
+
+/** 16-bit PCM (pcm, or wav after its header). */
+class PcmDecoder {
+  constructor(hasHeader, sink) {
+    Object.assign(this, { sink, inHeader: hasHeader, pending: new Uint8Array(0), rate: 24000 });
+    this.pcm = [];  // the sample bytes, for the saved file
+  }
+  push(bytes) {
+    let data = concat(this.pending, bytes);
+    if (this.inHeader) {
+      const at = wavDataOffset(data);
+      if (at < 0) { this.pending = data; return; }
+      this.rate = new DataView(data.buffer, data.byteOffset).getUint32(24, true);
+      data = data.subarray(at);
+      this.inHeader = false;
+    }
+    const even = data.length - (data.length % 2);
+    this.pending = data.slice(even);
+    if (!even) return;
+    const chunk = data.slice(0, even);
+    this.pcm.push(chunk);
+    const ints = new Int16Array(chunk.buffer, chunk.byteOffset, even / 2);
+    this.sink(Float32Array.from(ints, (v) => v / 32768), this.rate);
+  }
+  async end() {}
+}
+
+function wavDataOffset(bytes) {  // where the samples start, after the "data" chunk header
   for (let i = 12; i + 8 <= bytes.length; i++) {
-    const tag = String.fromCharCode(bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]);
-    if (tag === "data") return i + 8;
+    if (String.fromCharCode(...bytes.subarray(i, i + 4)) === "data") return i + 8;
   }
   return -1;
 }
 
-function wavFile(pcmChunks) {  // a WAV with its real sizes, from 16-bit mono PCM
+/** Compressed formats through WebCodecs; the whole file through decodeAudioData otherwise. */
+class CodecDecoder {
+  constructor(format, sink) {
+    Object.assign(this, { sink, framer: FRAMERS[format](), decoder: null, bytes: [], samples: 0 });
+    this.streaming = "AudioDecoder" in window;
+  }
+  push(bytes) {
+    this.bytes.push(bytes);
+    if (this.streaming) this.framer.push(bytes).forEach((frame) => this.decode(frame));
+  }
+  decode(frame) {
+    if (!this.decoder) {
+      this.decoder = new AudioDecoder({
+        output: (data) => this.output(data),
+        error: () => { this.streaming = false; },  // e.g. a codec this browser lacks
+      });
+      this.decoder.configure(this.framer.config);
+    }
+    if (this.decoder.state !== "configured") return;
+    const timestamp = this.samples;  // only their order matters here
+    this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: frame }));
+  }
+  output(data) {
+    const samples = new Float32Array(data.numberOfFrames);
+    data.copyTo(samples, { planeIndex: 0, format: "f32-planar" });
+    this.samples += samples.length;
+    this.sink(samples, data.sampleRate);
+    data.close();
+  }
+  async end() {
+    if (this.streaming) {
+      this.framer.end().forEach((frame) => this.decode(frame));
+      if (this.decoder?.state === "configured") await this.decoder.flush().catch(() => {});
+    }
+    if (this.samples) return;  // it streamed
+    this.streaming = false;
+    const blob = new Blob(this.bytes);
+    const audio = await new OfflineAudioContext(1, 1, 24000)
+      .decodeAudioData(await blob.arrayBuffer());
+    this.samples = audio.length;
+    this.sink(audio.getChannelData(0), audio.sampleRate);
+  }
+}
+
+/** A framer over a byte stream: `scan(buf)` returns [frames, bytes used]. */
+function framer(scan) {
+  let buffer = new Uint8Array(0);
+  const state = {
+    config: null,
+    push(bytes) {
+      buffer = concat(buffer, bytes);
+      const [frames, used] = scan(buffer, state, false);
+      buffer = buffer.slice(used);
+      return frames;
+    },
+    end() { return scan(buffer, state, true)[0]; },
+  };
+  return state;
+}
+
+const MP3_KBPS = [[0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160],   // MPEG-2/2.5
+                  [0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320]];  // MPEG-1
+const MP3_RATES = { 3: [44100, 48000, 32000], 2: [22050, 24000, 16000], 0: [11025, 12000, 8000] };
+const AAC_RATES = [96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025,
+                   8000, 7350];
+
+const FRAMERS = {
+  /** MPEG audio layer III frames, found by their sync word and sized from their header. */
+  mp3: () => framer((b, state) => {
+    const frames = [];
+    let i = 0;
+    while (i + 4 <= b.length) {
+      const version = (b[i + 1] >> 3) & 3, layer = (b[i + 1] >> 1) & 3;
+      const kbps = MP3_KBPS[version === 3 ? 1 : 0][b[i + 2] >> 4];
+      const rate = (MP3_RATES[version] || [])[(b[i + 2] >> 2) & 3];
+      if (b[i] !== 0xff || (b[i + 1] & 0xe0) !== 0xe0 || layer !== 1 || !kbps || !rate) {
+        i++;
+        continue;
+      }
+      const padding = (b[i + 2] >> 1) & 1;
+      const size = Math.floor(((version === 3 ? 144 : 72) * kbps * 1000) / rate) + padding;
+      if (i + size > b.length) break;
+      const channels = (b[i + 3] >> 6) === 3 ? 1 : 2;
+      state.config ||= { codec: "mp3", sampleRate: rate, numberOfChannels: channels };
+      frames.push(b.slice(i, i + size));
+      i += size;
+    }
+    return [frames, i];
+  }),
+
+  /** AAC in ADTS: raw frames, with the AudioSpecificConfig built from the first header. */
+  aac: () => framer((b, state) => {
+    const frames = [];
+    let i = 0;
+    while (i + 7 <= b.length) {
+      if (b[i] !== 0xff || (b[i + 1] & 0xf6) !== 0xf0) { i++; continue; }
+      const size = ((b[i + 3] & 3) << 11) | (b[i + 4] << 3) | (b[i + 5] >> 5);
+      const header = b[i + 1] & 1 ? 7 : 9;
+      if (size <= header) { i++; continue; }
+      if (i + size > b.length) break;
+      if (!state.config) {
+        const object = (b[i + 2] >> 6) + 1, index = (b[i + 2] >> 2) & 15;
+        const channels = ((b[i + 2] & 1) << 2) | (b[i + 3] >> 6);
+        const description = new Uint8Array([(object << 3) | (index >> 1),
+                                            ((index & 1) << 7) | (channels << 3)]);
+        state.config = { codec: `mp4a.40.${object}`, sampleRate: AAC_RATES[index],
+                         numberOfChannels: channels, description };
+      }
+      frames.push(b.slice(i + header, i + size));
+      i += size;
+    }
+    return [frames, i];
+  }),
+
+  /** Opus packets out of Ogg pages; the first packet (OpusHead) configures the decoder. */
+  opus: () => {
+    let packet = new Uint8Array(0), count = 0;
+    return framer((b, state) => {
+      const frames = [];
+      let i = 0;
+      while (i + 27 <= b.length && i + 27 + b[i + 26] <= b.length) {
+        const segments = b.subarray(i + 27, i + 27 + b[i + 26]);
+        const size = segments.reduce((n, s) => n + s, 0);
+        let at = i + 27 + segments.length;
+        if (at + size > b.length) break;
+        for (const lacing of segments) {
+          packet = concat(packet, b.slice(at, at + lacing));
+          at += lacing;
+          if (lacing === 255) continue;  // the packet goes on in the next segment
+          if (count === 0) {
+            state.config = { codec: "opus", sampleRate: 48000, numberOfChannels: packet[9],
+                             description: packet };
+          } else if (count > 1) {
+            frames.push(packet);  // packet 1 is OpusTags
+          }
+          count++;
+          packet = new Uint8Array(0);
+        }
+        i = at;
+      }
+      return [frames, i];
+    });
+  },
+
+  /** FLAC frames: each ends where the next frame header (checked by its CRC-8) begins. */
+  flac: () => framer((b, state, final) => {
+    const frames = [];
+    let i = 0;
+    if (!state.config) {
+      let at = 4, last = false;
+      while (!last && at + 4 <= b.length) {
+        last = (b[at] & 0x80) !== 0;
+        at += 4 + ((b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]);
+      }
+      if (!last || at > b.length) return [frames, 0];
+      const info = b.subarray(8, 42);  // STREAMINFO
+      const rate = (info[10] << 12) | (info[11] << 4) | (info[12] >> 4);
+      state.config = { codec: "flac", sampleRate: rate,
+                       numberOfChannels: ((info[12] >> 1) & 7) + 1, description: b.slice(0, at) };
+      i = at;
+    }
+    for (;;) {
+      let next = i + 2;
+      while (next < b.length && flacHeaderAt(b, next) === false) next++;
+      if (next >= b.length || flacHeaderAt(b, next) === null) {
+        if (final && i < b.length) frames.push(b.slice(i));
+        return [frames, final ? b.length : i];
+      }
+      frames.push(b.slice(i, next));
+      i = next;
+    }
+  }),
+};
+
+/** Whether a FLAC frame header starts at b[i]: true, false, or null (not enough bytes yet). */
+function flacHeaderAt(b, i) {
+  if (b[i] !== 0xff || (b[i + 1] & 0xfe) !== 0xf8) return false;
+  if (i + 6 > b.length) return null;
+  const sizeCode = b[i + 2] >> 4, rateCode = b[i + 2] & 15;
+  if (sizeCode === 0 || rateCode === 15 || (b[i + 3] & 1) || (b[i + 3] >> 4) > 10) return false;
+  let at = i + 4;
+  const lead = Math.clz32(~(b[at] << 24));  // UTF-8 style coded frame number: its byte count
+  if (lead === 1 || lead > 7) return false;
+  at += lead === 0 ? 1 : lead;
+  at += sizeCode === 6 ? 1 : sizeCode === 7 ? 2 : 0;
+  at += rateCode === 12 ? 1 : rateCode === 13 || rateCode === 14 ? 2 : 0;
+  if (at >= b.length) return null;
+  let crc = 0;
+  for (let k = i; k < at; k++) {
+    crc ^= b[k];
+    for (let bit = 0; bit < 8; bit++) crc = ((crc << 1) ^ (crc & 0x80 ? 0x07 : 0)) & 0xff;
+  }
+  return crc === b[at];
+}
+
+function makeDecoder(format, sink) {
+  if (format === "pcm" || format === "wav") return new PcmDecoder(format === "wav", sink);
+  return new CodecDecoder(format, sink);
+}
+
+// ---- saved files: every one states its real length ----------------------------------------------
+function wavFile(pcmChunks, rate) {  // a WAV with its real sizes, from 16-bit mono PCM
   const size = pcmChunks.reduce((n, c) => n + c.length, 0);
   const header = new DataView(new ArrayBuffer(44));
   const text = (at, s) => [...s].forEach((ch, i) => header.setUint8(at + i, ch.charCodeAt(0)));
   text(0, "RIFF"); header.setUint32(4, 36 + size, true); text(8, "WAVEfmt ");
   header.setUint32(16, 16, true); header.setUint16(20, 1, true); header.setUint16(22, 1, true);
-  header.setUint32(24, SAMPLE_RATE, true); header.setUint32(28, SAMPLE_RATE * 2, true);
+  header.setUint32(24, rate, true); header.setUint32(28, rate * 2, true);
   header.setUint16(32, 2, true); header.setUint16(34, 16, true);
   text(36, "data"); header.setUint32(40, size, true);
   return new Blob([header, ...pcmChunks], { type: "audio/wav" });
 }
 
-// ---- generation ------------------------------------------------------------------------------
-async function generate() {
-  if (ui.job) { ui.job.abort(); return; }
-  const text = $("text").value;
-  if (!text.trim() || text.length > ui.maxChars) return;
-  clearError();
-  const format = $("format").value;
-  const request = { model: "pocket-tts", input: text, voice: $("voice").value,
-                    response_format: format, speed: Number($("speed").value), stream: true };
-  const job = new AbortController();
-  ui.job = job;
-  setBusy(true);
-  $("metrics").textContent = "generating…";
-  const started = performance.now();
-  let firstAudio = null;
-  const player = makePlayer(format);
-  const chunks = [];
-  try {
-    const response = await api("/v1/audio/speech", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(request), signal: job.signal,
-    });
-    const reader = response.body.getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      chunks.push(value);
-      if (player.push(value) && firstAudio === null) firstAudio = performance.now() - started;
+function flacWithLength(chunks, samples) {  // a streamed FLAC's STREAMINFO says 0 samples
+  const bytes = chunks.reduce(concat, new Uint8Array(0));
+  if (bytes.length > 26) {  // 36-bit total in STREAMINFO bytes 13..17 (file offsets 21..25)
+    bytes[21] = (bytes[21] & 0xf0) | (Math.floor(samples / 2 ** 32) & 0x0f);
+    new DataView(bytes.buffer).setUint32(22, samples >>> 0);
+  }
+  return new Blob([bytes], { type: MIME.flac });
+}
+
+function savedFile(take, decoder) {
+  if (take.format === "wav") return wavFile(decoder.pcm, decoder.rate);
+  if (take.format === "pcm") return new Blob(decoder.pcm, { type: MIME.pcm });
+  if (take.format === "flac") return flacWithLength(decoder.bytes, decoder.samples);
+  return new Blob(decoder.bytes, { type: MIME[take.format] });
+}
+
+// ---- the player: one transport for every take, while it streams and after --------------------
+// A take's audio is a list of AudioBuffers (its decoded chunks). One AudioContext plays the
+// current take; loading another stops it, so two takes never sound at once.
+const player = {
+  ctx: null, analyser: null, take: null, sources: new Set(),
+  playing: false, looping: false, origin: 0, offset: 0,  // position: ctx time - origin
+
+  context() {
+    if (!this.ctx) {
+      this.ctx = new AudioContext();
+      this.analyser = this.ctx.createAnalyser();
+      this.analyser.fftSize = 1024;
+      this.analyser.connect(this.ctx.destination);
     }
-    await player.finish();
-    const elapsed = (performance.now() - started) / 1000;
-    const blob = player instanceof PcmPlayer ? wavFile(player.pcm)
-                                             : new Blob(chunks, { type: MIME[format] });
-    const download = format === "pcm" ? new Blob(player.pcm, { type: "audio/pcm" }) : blob;
-    const seconds = await audioSeconds(blob, player);
-    if (player instanceof BufferedPlayer) {
-      $("player").src = URL.createObjectURL(blob);
-      $("player").play().catch(() => {});
-      firstAudio = performance.now() - started;
+    return this.ctx;
+  },
+  load(take) {
+    this.stop();
+    this.take = take;
+    $("player").hidden = false;
+    $("now-title").textContent = take.title;
+    $("now-meta").textContent = take.meta();
+    $("player-note").hidden = true;
+    renderResults();
+  },
+  /** A take's next chunk: scheduled at once if it is the take playing. */
+  append(take, samples, rate) {
+    const buffer = new AudioBuffer({ length: samples.length, sampleRate: rate });
+    buffer.copyToChannel(samples, 0);
+    const entry = { at: take.duration, buffer };
+    take.buffers.push(entry);
+    take.duration += buffer.duration;
+    take.peaks.push(...peaks(samples, rate));
+    if (take !== this.take) return;
+    if (!this.playing) { this.render(); return; }
+    const now = this.ctx.currentTime;
+    if (this.origin + entry.at < now) this.origin = now + 0.05 - entry.at;  // waited for audio
+    this.start(entry, this.origin + entry.at, 0);
+  },
+  play() {
+    if (!this.take) return;
+    if (this.take.complete && this.offset >= this.take.duration - 0.01) this.offset = 0;
+    this.from(this.offset);
+  },
+  pause() {
+    if (!this.playing) return;
+    this.offset = this.position();
+    this.silence();
+    this.ctx.suspend();
+  },
+  stop() {
+    this.offset = 0;
+    if (this.ctx) { this.silence(); this.ctx.suspend(); }
+  },
+  seek(seconds) {
+    if (this.playing) this.from(seconds);
+    else this.offset = seconds;
+  },
+  position() {
+    if (!this.take) return 0;
+    const at = this.playing ? this.ctx.currentTime - this.origin : this.offset;
+    return Math.max(0, Math.min(at, this.take.duration));
+  },
+  /** Play the current take from `seconds`, chunk by chunk. */
+  from(seconds) {
+    this.silence();
+    const ctx = this.context();
+    ctx.resume();
+    this.playing = true;
+    this.origin = ctx.currentTime + 0.05 - seconds;
+    for (const entry of this.take.buffers) {
+      const skip = seconds - entry.at;
+      if (skip >= entry.buffer.duration) continue;
+      this.start(entry, this.origin + entry.at + Math.max(0, skip), Math.max(0, skip));
     }
-    $("metrics").textContent = `first audio ${Math.round(firstAudio)} ms · ` +
-      `${seconds.toFixed(1)} s of audio · ${(seconds / elapsed).toFixed(1)}× real time`;
-    const voiceName = request.voice || ui.defaultVoice;
-    addResult({ voice: voiceName, text, format, blob, download, seconds });
-  } catch (error) {
-    player.stop();
-    if (error.name === "AbortError") $("metrics").textContent = "stopped";
-    else { $("metrics").textContent = ""; showError(error); }
-  } finally {
-    ui.job = null;
-    setBusy(false);
+    if (!this.looping) requestAnimationFrame(() => this.frame());
+    this.looping = true;
+  },
+  start(entry, when, skip) {
+    const source = this.ctx.createBufferSource();
+    source.buffer = entry.buffer;
+    source.connect(this.analyser);
+    source.onended = () => this.sources.delete(source);
+    this.sources.add(source);
+    source.start(when, skip);
+  },
+  silence() {
+    this.playing = false;
+    for (const source of this.sources) { source.onended = null; source.stop(); }
+    this.sources.clear();
+    this.render();
+  },
+  /** Each animation frame while playing: the end of a complete take, the UI. */
+  frame() {
+    this.looping = this.playing;
+    if (!this.playing) return;
+    if (this.take.complete && this.position() >= this.take.duration) {
+      this.offset = this.take.duration;
+      this.silence();
+      this.ctx.suspend();
+      return;
+    }
+    this.render();
+    requestAnimationFrame(() => this.frame());
+  },
+  render() {
+    const take = this.take;
+    if (!take) return;
+    const position = this.position();
+    $("play").textContent = this.playing ? "Pause" : "Play";
+    $("seek").max = take.duration.toFixed(2);
+    $("seek").value = position.toFixed(2);
+    $("seek").setAttribute("aria-valuetext", `${clock(position)} of ${clock(take.duration)}`);
+    $("time").textContent = `${clock(position)} / ${clock(take.duration)}`;
+    $("level").style.width = `${this.playing ? Math.round(100 * this.level()) : 0}%`;
+    drawWave(take, position);
+  },
+  level() {  // loudness of what sounds now, 0..1
+    const data = new Float32Array(this.analyser.fftSize);
+    this.analyser.getFloatTimeDomainData(data);
+    return Math.min(1, 4 * Math.sqrt(data.reduce((sum, v) => sum + v * v, 0) / data.length));
+  },
+};
+
+const PEAKS_PER_SECOND = 50;
+function peaks(samples, rate) {  // loudest sample per 20 ms, for the waveform
+  const step = Math.round(rate / PEAKS_PER_SECOND), out = [];
+  for (let i = 0; i < samples.length; i += step) {
+    let peak = 0;
+    const end = Math.min(i + step, samples.length);
+    for (let k = i; k < end; k++) peak = Math.max(peak, Math.abs(samples[k]));
+    out.push(peak);
+  }
+  return out;
+}
+
+function drawWave(take, position) {
+  const canvas = $("wave"), ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth * ratio, height = canvas.clientHeight * ratio;
+  if (canvas.width !== width || canvas.height !== height) Object.assign(canvas, { width, height });
+  const g = canvas.getContext("2d"), style = getComputedStyle(document.documentElement);
+  g.clearRect(0, 0, width, height);
+  const bars = Math.max(1, Math.floor(width / (3 * ratio))), n = take.peaks.length;
+  const played = take.duration ? position / take.duration : 0;
+  for (let bar = 0; bar < bars && n; bar++) {
+    const from = Math.floor((bar * n) / bars);
+    const to = Math.max(from + 1, Math.floor(((bar + 1) * n) / bars));
+    const peak = Math.max(...take.peaks.slice(from, to));
+    const h = Math.max(ratio, peak * height * 0.95);
+    g.fillStyle = style.getPropertyValue(bar / bars < played ? "--fill" : "--wave");
+    g.fillRect(bar * 3 * ratio, (height - h) / 2, 2 * ratio, h);
   }
 }
 
-async function audioSeconds(blob, player) {
-  if (player instanceof PcmPlayer) {
-    return player.pcm.reduce((n, c) => n + c.length, 0) / 2 / SAMPLE_RATE;
+// ---- generation: a request streamed into a take, played while it arrives ----------------------
+let takeCount = 0;
+
+function newTake({ voice, text, format, speed }) {
+  return {
+    id: ++takeCount, voice, text, format, speed, title: voice, buffers: [], peaks: [],
+    duration: 0, complete: false, file: null,
+    meta() { return `${format.toUpperCase()} · ${speed.toFixed(2)}×`; },
+  };
+}
+
+/** POST the request and feed its audio to `take` (and the player, if it holds the take). */
+async function stream(request, take, signal) {
+  const decoder = makeDecoder(request.response_format, (samples, rate) => {
+    take.firstAudio ??= performance.now() - take.started;
+    player.append(take, samples, rate);
+  });
+  take.started = performance.now();
+  const response = await api("/v1/audio/speech", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(request), signal,
+  });
+  const reader = response.body.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    decoder.push(value);
   }
+  await decoder.end();
+  if (decoder.streaming === false && take === player.take) {
+    const format = take.format.toUpperCase();
+    $("player-note").textContent = `This browser plays ${format} once it is complete.`;
+    $("player-note").hidden = false;
+  }
+  take.complete = true;
+  take.file = savedFile(take, decoder);
+  take.elapsed = (performance.now() - take.started) / 1000;
+}
+
+/** Run one request as the current job: the Generate button stops it. */
+async function run(request, take, where) {
+  player.context().resume();  // created inside the click, so the browser lets it sound
+  const job = new AbortController();
+  ui.job = job;
+  setBusy(true);
+  clearError(where);
+  player.load(take);
+  player.play();
   try {
-    const ctx = new OfflineAudioContext(1, 1, SAMPLE_RATE);
-    return (await ctx.decodeAudioData(await blob.arrayBuffer())).duration;
-  } catch (_) {
-    return 0;
+    await stream(request, take, job.signal);
+    return true;
+  } catch (error) {
+    if (error.name === "AbortError") $("metrics").textContent = "Stopped.";
+    else { $("metrics").textContent = ""; showError(where, error); }
+    return false;
+  } finally {
+    ui.job = null;
+    setBusy(false);
+    player.render();
   }
+}
+
+async function generate() {
+  if (ui.job) { ui.job.abort(); return; }
+  const text = $("text").value;
+  if (!canGenerate()) return;
+  const voice = $("voice").value;
+  const request = { model: "pocket-tts", input: text, voice, response_format: $("format").value,
+                    speed: Number($("speed").value), stream: true };
+  const take = newTake({ voice: voice || ui.defaultVoice, text, format: request.response_format,
+                         speed: request.speed });
+  $("metrics").textContent = "Generating…";
+  if (!(await run(request, take, "compose-error"))) return;
+  const speedUp = (take.duration / take.elapsed).toFixed(1);
+  $("metrics").textContent = `First audio ${Math.round(take.firstAudio)} ms · ` +
+    `${take.duration.toFixed(1)} s of audio · ${speedUp}× real time`;
+  ui.takes.unshift(take);
+  renderResults();
+  if (text === ui.undoText) $("undo-note").hidden = true;
+}
+
+/** A voice's short sample, generated once and kept in the page. */
+async function preview(voice, where) {
+  if (ui.job) return;
+  const cached = ui.previews.get(voice);
+  if (cached) { player.load(cached); player.play(); return; }
+  const take = newTake({ voice: voice || ui.defaultVoice, text: PREVIEW_TEXT, format: "pcm",
+                         speed: 1 });  // voice "" is the server's default
+  take.title = `${take.voice} (preview)`;
+  const request = { input: PREVIEW_TEXT, voice, response_format: "pcm", stream: true };
+  if (await run(request, take, where)) ui.previews.set(voice, take);
 }
 
 function setBusy(busy) {
@@ -3855,118 +4322,313 @@ function setBusy(busy) {
   button.textContent = busy ? "Stop" : "Generate";
   button.classList.toggle("stop", busy);
   button.setAttribute("aria-label", busy ? "Stop generating" : "Generate speech");
+  for (const b of document.querySelectorAll("[data-preview], #voice-preview")) b.disabled = busy;
   updateCounter();
 }
 
-// ---- results: play again, download with a save dialog where the browser has one ------------
-function addResult(result) {
+// ---- results: play in the player, save with the real length, delete ---------------------------
+function renderResults() {
   const list = $("results");
-  if (!ui.results++) list.replaceChildren();
-  const item = document.createElement("li");
-  const meta = document.createElement("div");
-  meta.className = "meta";
-  const snippet = document.createElement("div");
-  snippet.className = "snippet";
-  snippet.textContent = result.text;
-  const line = document.createElement("div");
-  line.innerHTML = "<b></b> · <span></span> · <span></span>";
-  line.children[0].textContent = result.voice;
-  line.children[1].textContent = result.format.toUpperCase();
-  line.children[2].textContent = `${result.seconds.toFixed(2)} s`;
-  meta.append(line, snippet);
-  const save = document.createElement("button");
-  save.type = "button";
-  save.textContent = "Download";
-  save.addEventListener("click", () => saveResult(result).catch(showError));
-  const audio = document.createElement("audio");
-  audio.controls = true;
-  audio.preload = "metadata";
-  audio.src = URL.createObjectURL(result.blob);
-  item.append(meta, save, audio);
-  list.prepend(item);
+  list.replaceChildren(...ui.takes.map(resultItem));
+  $("results-empty").hidden = ui.takes.length > 0;
+  $("clear-results").hidden = ui.takes.length === 0;
 }
 
-async function saveResult(result) {
+function resultItem(take) {
+  const item = element("li", { ariaCurrent: String(take === player.take) });
+  const about = element("div", { className: "grow" },
+    element("div", {}, element("b", { textContent: take.voice })),
+    element("div", { className: "meta", textContent:
+      `${take.meta()} · ${take.duration.toFixed(1)} s · ${fileSize(take.file.size)}` }),
+    element("div", { className: "meta snippet", textContent: take.text }));
+  const button = (label, name, action) => {
+    const b = element("button", { type: "button", className: "small", textContent: label });
+    b.setAttribute("aria-label", `${name} take ${take.id}, ${take.voice}`);
+    b.addEventListener("click", action);
+    return b;
+  };
+  item.append(about,
+    button("Play", "Play", () => { player.load(take); player.play(); }),
+    button("Download", "Download", () => saveTake(take).catch((e) => showError("save-error", e))),
+    button("Delete", "Delete", () => deleteTake(take)));
+  return item;
+}
+
+function deleteTake(take) {
+  ui.takes = ui.takes.filter((t) => t !== take);
+  if (player.take === take) { player.stop(); player.take = null; $("player").hidden = true; }
+  renderResults();
+}
+
+async function saveTake(take) {
   const stamp = new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-");
-  const voice = result.voice.replace(/[^\w.-]+/g, "_").slice(0, 40);
-  const name = `pocket-tts-${voice}-${stamp}.${result.format}`;
+  const voice = take.voice.replace(/[^\w.-]+/g, "_").slice(0, 40);
+  const name = `pocket-tts-${voice}-${stamp}.${take.format}`;
   if (window.showSaveFilePicker) {
     let handle;
     try {
       handle = await window.showSaveFilePicker({ suggestedName: name,
-        types: [{ description: result.format.toUpperCase() + " audio",
-                  accept: { [MIME[result.format].split(";")[0]]: ["." + result.format] } }] });
+        types: [{ description: `${take.format.toUpperCase()} audio`,
+                  accept: { [MIME[take.format]]: [`.${take.format}`] } }] });
     } catch (error) {
       if (error.name === "AbortError") return;  // the user closed the dialog
       throw error;
     }
     const writable = await handle.createWritable();
-    await writable.write(result.download);
+    await writable.write(take.file);
     await writable.close();
     return;
   }
-  const link = document.createElement("a");
-  link.href = URL.createObjectURL(result.download);
-  link.download = name;
+  const link = element("a", { href: URL.createObjectURL(take.file), download: name });
   document.body.append(link);
   link.click();
   link.remove();
 }
 
-// ---- wiring ----------------------------------------------------------------------------------
-function updateCounter() {
-  const length = $("text").value.length;
-  const limit = ui.maxChars.toLocaleString();
-  $("counter").textContent = `${length.toLocaleString()} / ${limit} characters`;
-  $("counter").classList.toggle("over", length > ui.maxChars);
-  $("generate").disabled = !ui.job && (!$("text").value.trim() || length > ui.maxChars);
+// ---- voices: the menu, previews, cloning (pick or drop anywhere), removal after a question -----
+async function loadStatus() {
+  const health = await (await api("/health")).json();
+  ui.maxChars = health.max_input_chars || ui.maxChars;
+  ui.defaultVoice = health.default_voice;
+  ui.auth = health.auth;
+  $("key-change").hidden = !health.auth || !apiKey;
+  if (health.auth && !apiKey) keys.ask();  // listings are open: ask before the first 401
+  $("status").textContent = `${health.model} · ${health.device}`;
+  updateCounter();
 }
 
-document.querySelectorAll("[data-prompt]").forEach((chip) => chip.addEventListener("click", () => {
-  $("text").value = PROMPTS[chip.dataset.prompt];
+async function loadVoices(select) {
+  const listing = await (await api("/v1/voices")).json();
+  ui.defaultVoice = listing.default;
+  const current = select ?? $("voice").value;
+  const voice = $("voice");
+  voice.replaceChildren();
+  if (!listing.data.some((v) => v.id === listing.default)) {
+    // A default given as a file path is not a listed name: "" asks the server for its default.
+    voice.append(new Option(`${listing.default} (default)`, ""));
+  }
+  const groups = [["Your voices", (v) => v.origin === "upload"],
+                  ["Voices folder", (v) => v.origin === "folder"],
+                  ["Built-in voices", (v) => v.kind === "builtin"],
+                  ["OpenAI names", (v) => v.kind === "openai"]];
+  for (const [label, belongs] of groups) {
+    const entries = listing.data.filter(belongs);
+    if (!entries.length) continue;
+    const group = element("optgroup", { label });
+    for (const v of entries) {
+      const name = v.kind === "openai" ? `${v.id} → ${v.maps_to}` : v.id;
+      group.append(new Option(v.default ? `${name} (default)` : name, v.id));
+    }
+    voice.append(group);
+  }
+  const known = (id) => [...voice.options].some((o) => o.value === id);
+  voice.value = known(current) && current ? current : known(listing.default) ? listing.default : "";
+  const inUse = new Set(listing.data.filter((v) => v.kind === "openai").map((v) => v.maps_to));
+  renderVoices($("my-voices"), listing.data.filter((v) => v.origin === "upload"), inUse, true);
+  const onServer = listing.data.filter((v) => v.origin === "folder" || v.kind === "builtin");
+  renderVoices($("server-voices"), onServer, inUse, false);
+}
+
+function renderVoices(list, voices, inUse, removable) {
+  list.replaceChildren(...voices.map((v) => {
+    const item = element("li", {}, element("span", { className: "grow", textContent: v.id }));
+    if (v.default) item.append(element("span", { className: "badge", textContent: "default" }));
+    const button = (label, aria, action) => {
+      const b = element("button", { type: "button", className: "small", textContent: label });
+      b.setAttribute("aria-label", aria);
+      b.addEventListener("click", action);
+      return b;
+    };
+    const listen = button("Preview", `Preview voice ${v.id}`, () => preview(v.id, "voices-error"));
+    listen.dataset.preview = v.id;
+    listen.disabled = Boolean(ui.job);
+    const use = () => { $("voice").value = v.id; $("text").focus(); };
+    item.append(listen, button("Use", `Use voice ${v.id}`, use));
+    if (removable && !v.default && !inUse.has(v.id)) {
+      item.append(button("Remove", `Remove voice ${v.id}`, () => removeVoice(v.id)));
+    }
+    return item;
+  }));
+  if (!voices.length) {
+    list.append(element("li", { className: "empty", textContent: removable
+      ? "None yet: add a recording above." : "None." }));
+  }
+}
+
+function pickCloneFile(file) {
+  if (!file) return;
+  ui.cloneFile = file;
+  $("drop-text").textContent = `${file.name} (${fileSize(file.size)})`;
+  const stem = file.name.replace(/\.[^.]+$/, "").slice(0, 64);
+  if (!$("clone-name").value) $("clone-name").value = stem;
+  $("clone-add").disabled = false;
+  clearError("clone-error");
+}
+
+async function addVoice() {
+  if (!ui.cloneFile) return;
+  clearError("clone-error");
+  const button = $("clone-add");
+  button.disabled = true;
+  button.textContent = "Adding…";
+  try {
+    const form = new FormData();
+    form.append("name", $("clone-name").value.trim());
+    form.append("file", ui.cloneFile, ui.cloneFile.name);
+    const voice = await (await api("/v1/voices", { method: "POST", body: form })).json();
+    ui.cloneFile = null;
+    $("clone-file").value = "";
+    $("clone-name").value = "";
+    $("drop-text").textContent = `Added “${voice.id}”. Drop another recording to add more.`;
+    await loadVoices(voice.id);
+  } catch (error) {
+    showError("clone-error", error);
+  } finally {
+    button.textContent = "Add voice";
+    button.disabled = !ui.cloneFile;
+  }
+}
+
+function confirmRemove(name) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent =
+    `Remove the voice “${name}”? Its recording is deleted from the server.`;
+  return new Promise((resolve) => {
+    const answer = (ok) => () => { dialog.close(); resolve(ok); };
+    $("confirm-ok").onclick = answer(true);
+    $("confirm-cancel").onclick = answer(false);
+    dialog.oncancel = answer(false);  // Escape
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+async function removeVoice(name) {
+  clearError("voices-error");
+  if (!(await confirmRemove(name))) return;
+  try {
+    await api(`/v1/voices/${encodeURIComponent(name)}`, { method: "DELETE" });
+    ui.previews.delete(name);
+    await loadVoices($("voice").value === name ? "" : undefined);
+  } catch (error) {
+    showError("voices-error", error);
+  }
+}
+
+// ---- wiring ------------------------------------------------------------------------------------
+function canGenerate() {
+  const length = codePoints($("text").value);
+  return $("text").value.trim() !== "" && length <= ui.maxChars;
+}
+
+function updateCounter() {
+  const length = codePoints($("text").value), over = length > ui.maxChars;
+  const limit = ui.maxChars.toLocaleString();
+  $("counter").textContent = `${length.toLocaleString()} / ${limit} characters`;
+  $("counter").classList.toggle("over", over);
+  if (over !== ui.over) {  // announced when it changes, not on every keystroke
+    ui.over = over;
+    $("counter-alert").textContent = over
+      ? `The text is over the ${ui.maxChars.toLocaleString()}-character limit.` : "";
+  }
+  $("generate").disabled = !ui.job && !canGenerate();
+}
+
+function usePrompt(name) {
+  const previous = $("text").value;
+  const typed = previous.trim() !== "" && !Object.values(PROMPTS).includes(previous);
+  $("text").value = PROMPTS[name];
+  ui.undoText = typed ? previous : "";
+  $("undo-note").hidden = !typed;
   updateCounter();
   $("text").focus();
-}));
+}
+
+function undoPrompt() {
+  $("text").value = ui.undoText;
+  $("undo-note").hidden = true;
+  updateCounter();
+  $("text").focus();
+}
+
+function refresh() {
+  loadStatus().then(() => loadVoices()).catch((error) => showError("compose-error", error));
+}
+
+/** Drop a recording anywhere on the page: it is cloned at once. */
+function wireDropAnywhere() {
+  let depth = 0;
+  const hasFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event)) return;
+    depth++;
+    $("dropzone").hidden = false;
+  });
+  document.addEventListener("dragleave", () => {
+    if (--depth > 0) return;
+    depth = 0;
+    $("dropzone").hidden = true;
+  });
+  document.addEventListener("dragover", (event) => {
+    if (hasFiles(event)) event.preventDefault();
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    $("dropzone").hidden = true;
+    const file = event.dataTransfer?.files[0];
+    if (!file) return;
+    pickCloneFile(file);
+    $("voices").scrollIntoView({ block: "nearest" });
+    addVoice();
+  });
+}
+
+document.querySelectorAll("[data-prompt]").forEach((chip) => {
+  chip.addEventListener("click", () => usePrompt(chip.dataset.prompt));
+});
+$("undo").addEventListener("click", undoPrompt);
 $("text").addEventListener("input", updateCounter);
 $("speed").addEventListener("input", () => {
   $("speed-out").textContent = Number($("speed").value).toFixed(2) + "×";
 });
 $("generate").addEventListener("click", generate);
+$("voice-preview").addEventListener("click", () => preview($("voice").value, "compose-error"));
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
     event.preventDefault();
     generate();
   }
 });
+$("play").addEventListener("click", () => (player.playing ? player.pause() : player.play()));
+$("stop").addEventListener("click", () => player.stop());
+$("seek").addEventListener("input", () => player.seek(Number($("seek").value)));
+$("wave").addEventListener("click", (event) => {
+  const box = $("wave").getBoundingClientRect();
+  if (player.take) player.seek(((event.clientX - box.left) / box.width) * player.take.duration);
+});
+$("clear-results").addEventListener("click", () => [...ui.takes].forEach(deleteTake));
 $("clone-file").addEventListener("change", () => pickCloneFile($("clone-file").files[0]));
 $("clone-add").addEventListener("click", addVoice);
-const drop = $("drop");
-["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (event) => {
-  event.preventDefault();
-  drop.classList.add("over");
-}));
-["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => {
-  drop.classList.remove("over");
-}));
-drop.addEventListener("drop", (event) => {
-  event.preventDefault();
-  pickCloneFile(event.dataTransfer.files[0]);
-});
-$("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  apiKey = $("api-key").value.trim();
-  localStorage.setItem(KEY_STORAGE, apiKey);
-  $("key-form").hidden = true;
-  loadVoices().catch(showError);
-});
+$("key-form").addEventListener("submit", (event) => keys.submit(event));
+$("key-forget").addEventListener("click", () => keys.forget());
+$("key-change").addEventListener("click", () => keys.ask());
+wireDropAnywhere();
 
 $("text").value = PROMPTS.greeting;
-loadStatus().catch(showError);
-loadVoices().catch(showError);
+updateCounter();
+refresh();
 </script>
 </body>
 </html>
 """
+
+# The logo's mark (a pocket holding a waveform), square, for browser tabs.
+FAVICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">
+<rect x="2" y="2" width="60" height="60" rx="12" fill="#ff6b4a"/>
+<path d="M2 14a12 12 0 0 1 12-12h36a12 12 0 0 1 12 12v4H2z" fill="#e2553a"/>
+<g stroke="#fff" stroke-width="5" stroke-linecap="round">
+<path d="M16 34v8M24 28v20M32 24v28M40 30v16M48 35v6"/></g></svg>"""
 
 LOGO_PNG = base64.b64decode(  # pocket-tts-logo.png, drawn by tools/make_logo.py
     "iVBORw0KGgoAAAANSUhEUgAAAUAAAABQCAYAAABoMayFAAAmPUlEQVR42u19eXxd1XXut9Y+515NHvCk0fbPtiQbYWyBAoGm"

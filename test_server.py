@@ -938,7 +938,7 @@ class TestVoiceLibrary:
             "disk": True,
         }
         assert (voices_dir / "Speaker Two.wav").is_file()
-        assert [p.name for p in voices_dir.iterdir()] == ["Speaker Two.wav"]  # no temp files left
+        assert sorted(p.name for p in voices_dir.iterdir()) == [".uploads.json", "Speaker Two.wav"]
         encodes = stub.encodes.count("clone")
         assert abs(spoken_freq(client, voice="Speaker Two") - 340) < 5
         assert stub.encodes.count("clone") == encodes  # precomputed at upload
@@ -956,6 +956,27 @@ class TestVoiceLibrary:
         assert not any(p.exists() for p in cached)
         assert_openai_error(client.get("/v1/voices/Speaker Two"), 404, "name")
         assert_openai_error(client.delete("/v1/voices/Speaker Two"), 404, "name")
+
+    def test_listing_says_which_voices_came_from_uploads(self, stub, voices_dir):
+        """The page lists uploads as "your voices" apart from what was put in the folder."""
+        write_audio(voices_dir / "Put There.wav", tone(300, 2.0))
+        client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
+        assert upload(client, "Uploaded", wav_bytes(340, 2.0)).status_code == 201
+
+        def origins():
+            data = client.get("/v1/voices").json["data"]
+            return {v["id"]: v.get("origin") for v in data if v["kind"] == "custom"}
+
+        assert origins() == {"Put There": "folder", "Uploaded": "upload"}
+        assert client.get("/v1/voices/Uploaded").json["origin"] == "upload"
+        assert client.delete("/v1/voices/Uploaded").status_code == 200
+        write_audio(voices_dir / "Uploaded.wav", tone(310, 2.0))  # the same name, put by hand
+        assert origins() == {"Put There": "folder", "Uploaded": "folder"}
+        (voices_dir / ".uploads.json").write_text("{not json")  # a broken record: all "folder"
+        assert origins() == {"Put There": "folder", "Uploaded": "folder"}
+        assert upload(client, "Again", wav_bytes(350, 2.0)).status_code == 201
+        assert origins()["Again"] == "upload"
+        assert not list(voices_dir.glob(".upload-*"))  # the record is written atomically
 
     def test_upload_name_defaults_to_file_stem(self, stub, voices_dir):
         client = make_server(stub, voices_dir=str(voices_dir)).app.test_client()
@@ -3032,25 +3053,78 @@ def browser():
         browser.close()
 
 
+AXE = Path(os.environ.get("AXE_JS", Path(__file__).parent / ".ci/node_modules/axe-core/axe.min.js"))
+# The page's own objects, reached from tests: the first sound and the end of each stream.
+INSTRUMENT = """
+  window.sounds = [];
+  const start = player.start;
+  player.start = function (entry, when, skip) {
+    window.firstSound ??= performance.now();
+    start.call(this, entry, when, skip);
+    [...this.sources].at(-1).take = this.take.id;
+  };
+  const original = stream;
+  window.stream = async (...args) => { await original(...args); window.streamDone = performance.now(); };
+"""
+
+
 def open_page(browser, url: str, **context):
     page = browser.new_page(accept_downloads=True, **context)
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.add_init_script("""{
+      const Real = window.AudioContext;  // count the page's audio contexts
+      window.contexts = 0;
+      window.AudioContext = class extends Real { constructor(o) { super(o); window.contexts++; } };
+    }""")
     page.goto(url + "/")
     page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+    page.evaluate(f"() => {{ {INSTRUMENT} }}")
     return page
 
 
 def generate_in_page(page, text: str, fmt: str):
-    count = page.locator("#results audio").count()
+    """Generate and wait until the take is a result; return its row."""
+    count = page.locator("#results li").count()
     page.fill("#text", text)
     page.select_option("#format", fmt)
+    page.evaluate("window.firstSound = undefined; window.streamDone = undefined")
     page.click("#generate")
-    page.wait_for_function(f"document.querySelectorAll('#results audio').length > {count}")
+    page.wait_for_function(f"document.querySelectorAll('#results li').length > {count}")
     return page.locator("#results li").first
 
 
+def saved_bytes(page) -> bytes:
+    """The first result's file, through the page's save dialog (stubbed to hand it back)."""
+    page.evaluate(
+        """window.showSaveFilePicker = async (options) => ({
+             createWritable: async () => ({
+               write: async (blob) => {
+                 const bytes = new Uint8Array(await blob.arrayBuffer());
+                 let text = ''; bytes.forEach((b) => { text += String.fromCharCode(b); });
+                 window.saved = {name: options.suggestedName, data: btoa(text)};
+               },
+               close: async () => {},
+             }),
+           }); window.saved = undefined;"""
+    )
+    page.click("#results li >> nth=0 >> button:has-text('Download')")
+    page.wait_for_function("window.saved !== undefined")
+    return base64.b64decode(page.evaluate("window.saved.data"))
+
+
+def stated_seconds(data: bytes) -> float | None:
+    """The length a file states in its headers (what players show before decoding it)."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        if stream.duration:
+            return float(stream.duration * stream.time_base)
+        return container.duration / 1e6 if container.duration else None
+
+
 class TestBrowserPage:
+    """Issue #12: the studio page in Debian chromium, on the real (random-weight) model."""
+
     @pytest.fixture
     def page(self, browser, real):
         page = open_page(browser, real.url)
@@ -3058,94 +3132,161 @@ class TestBrowserPage:
         assert page.errors == []
         page.close()
 
-    def test_loads_with_logo_voices_and_default(self, page):
+    def test_loads_with_logo_favicon_voices_and_no_empty_player(self, page, real):
         assert page.evaluate("document.querySelector('header img').naturalWidth") > 0
-        assert page.get_attribute("link[rel=icon]", "href") == "/pocket-tts-logo.png"
+        assert page.get_attribute("link[rel=icon]", "href") == "/favicon.svg"
+        icon = requests.get(real.url + "/favicon.svg")
+        assert (
+            icon.headers["Content-Type"] == "image/svg+xml"
+            and b'viewBox="0 0 64 64"' in icon.content
+        )
         groups = page.eval_on_selector_all("#voice optgroup", "gs => gs.map(g => g.label)")
         assert "OpenAI names" in groups
         selected = page.eval_on_selector("#voice", "s => s.options[s.selectedIndex].text")
         assert selected == "ref (default)"
         assert "cpu" in page.inner_text("#status")
-        assert page.inner_text("#counter").endswith("/ 4,096 characters")
+        assert page.inner_text("#counter") == "87 / 4,096 characters"  # the greeting
+        assert page.is_hidden("#player") and page.is_visible("#results-empty")
 
-    @pytest.mark.parametrize("fmt", ["mp3", "wav"])
-    def test_prompt_generates_playable_audio(self, page, fmt):
-        page.click("[data-prompt=greeting]")
-        result = generate_in_page(page, page.input_value("#text"), fmt)
-        duration = page.evaluate(
-            """() => new Promise((resolve) => {
-                 const audio = document.querySelector('#results audio');
-                 if (audio.readyState >= 1) resolve(audio.duration);
-                 audio.addEventListener('loadedmetadata', () => resolve(audio.duration));
-               })"""
-        )
-        assert 5 < duration < 60
-        assert re.match(
-            r"first audio \d+ ms · [\d.]+ s of audio · [\d.]+× real time",
-            page.inner_text("#metrics"),
-        )
-        assert fmt.upper() in result.inner_text()
+    @pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
+    def test_every_format_plays_while_it_is_generated(self, page, real, fmt):
+        """Sound starts before the stream ends; the saved file is the take and says its length."""
+        text = " ".join(CORPUS[:4])
+        result = generate_in_page(page, text, fmt)
+        first, done = page.evaluate("[window.firstSound, window.streamDone]")
+        assert first is not None and done is not None and first < done, (first, done)
+        assert page.evaluate("window.contexts") == 1
+        assert fmt.upper() in result.inner_text() and "1.00×" in result.inner_text()
+        want = TestRealModel.library_seconds(real.model, text)
+        played = page.evaluate("player.take.duration")
+        assert abs(played - want) < 0.08, (played, want)  # codec padding at most
+        data = saved_bytes(page)
+        assert page.evaluate("window.saved.name").endswith("." + fmt)
+        if fmt == "pcm":
+            assert len(data) == round(want * SR) * 2
+            return
+        assert abs(duration(data) - played) < 0.08
+        if fmt in ("wav", "flac", "opus"):  # containers that state a length
+            assert abs(stated_seconds(data) - played) < 0.08, stated_seconds(data)
 
-    def test_uploaded_reference_becomes_a_voice_and_can_be_removed(self, page, real, tmp_path):
+    def test_a_new_run_or_a_result_stops_what_was_playing(self, page):
+        page.fill("#text", " ".join(CORPUS))
+        page.select_option("#format", "wav")
+        page.click("#generate")
+        page.wait_for_function("document.querySelectorAll('#results li').length === 1")
+        page.wait_for_function("player.playing && player.sources.size > 0")
+        assert page.evaluate("player.position() < player.take.duration - 1")  # still sounding
+        page.fill("#text", "Hello world.")
+        page.click("#generate")
+        for _ in range(10):  # while the second run streams: only its own sources exist
+            assert page.evaluate("[...player.sources].every((s) => s.take === player.take.id)")
+            page.wait_for_timeout(40)
+        page.wait_for_function("document.querySelectorAll('#results li').length === 2")
+        page.click("#results li >> nth=1 >> button:has-text('Play')")  # the first take again
+        assert page.evaluate("player.take.text.startsWith('Hello world. This')")
+        assert page.evaluate("[...player.sources].every((s) => s.take === player.take.id)")
+        assert page.get_attribute("#results li >> nth=1", "aria-current") == "true"
+        assert page.evaluate("window.contexts") == 1
+
+    def test_pause_seek_and_stop_after_the_stream_ends(self, page):
+        generate_in_page(page, " ".join(CORPUS[:3]), "mp3")
+        page.wait_for_function("player.take.complete && player.playing")
+        page.click("#play")  # pause
+        assert page.inner_text("#play") == "Play"
+        paused = page.evaluate("player.position()")
+        page.wait_for_timeout(300)
+        assert page.evaluate("player.position()") == paused
+        assert page.evaluate("player.sources.size") == 0
+        page.click("#play")
+        page.wait_for_timeout(300)
+        assert page.evaluate("player.position()") > paused + 0.1
+        page.evaluate("player.seek(player.take.duration / 2)")
+        assert abs(page.evaluate("player.position() / player.take.duration") - 0.5) < 0.05
+        page.click("#stop")
+        assert page.evaluate("[player.position(), player.sources.size, player.playing]") == [
+            0,
+            0,
+            False,
+        ]
+        page.wait_for_function("player.ctx.state === 'suspended'")
+        page.click("#play")  # plays again from the start
+        page.wait_for_function("player.playing && player.position() > 0")
+
+    def test_uploads_are_your_voices_and_removing_one_asks_first(self, page, real, tmp_path):
+        folder = Path(real.server.voices.voices_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_audio(folder / "Shelf Voice.wav", tone(250, 2.0))
         ref = write_audio(tmp_path / "Browser Voice.flac", tone(230, 3.0, 48000), 48000)
         page.set_input_files("#clone-file", str(ref))
         assert page.input_value("#clone-name") == "Browser Voice"
+        assert re.search(r"\(\d+ KB\)", page.inner_text("#drop-text"))  # not "(0.0 MB)"
         page.click("#clone-add")
         page.wait_for_function("document.querySelector('#voice').value === 'Browser Voice'")
-        result = generate_in_page(page, "Hello world.", "wav")
-        assert "Browser Voice" in result.inner_text()
+        assert "Browser Voice" in page.inner_text("#my-voices")
+        assert "Shelf Voice" in page.inner_text("#server-voices")
+        assert page.locator("button[aria-label='Remove voice Shelf Voice']").count() == 0
+        assert page.locator("button[aria-label='Remove voice ref']").count() == 0  # the default
         page.click("button[aria-label='Remove voice Browser Voice']")
+        assert page.is_visible("#confirm") and "Browser Voice" in page.inner_text("#confirm")
+        page.click("#confirm-cancel")
+        assert page.is_hidden("#confirm") and (folder / "Browser Voice.flac").exists()
+        page.click("button[aria-label='Remove voice Browser Voice']")
+        page.click("#confirm-ok")
         page.wait_for_function(
-            "![...document.querySelectorAll('#voice option')]"
-            ".some(o => o.value === 'Browser Voice')"
+            "!document.querySelector('#my-voices').innerText.includes('Browser')"
         )
-        assert not (Path(real.server.voices.voices_dir) / "Browser Voice.flac").exists()
+        assert not (folder / "Browser Voice.flac").exists()
+        (folder / "Shelf Voice.wav").unlink()
 
-    def test_dropping_a_recording_adds_a_voice(self, page, real):
+    def test_dropping_a_recording_anywhere_clones_it(self, page, real):
         data = base64.b64encode(wav_bytes(260, 2.5)).decode()
         page.evaluate(
             """(b64) => {
                  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
                  const transfer = new DataTransfer();
                  transfer.items.add(new File([bytes], 'Dropped In.wav', {type: 'audio/wav'}));
-                 document.getElementById('drop').dispatchEvent(
+                 document.querySelector('#compose h2').dispatchEvent(
                    new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
                }""",
             data,
         )
-        assert page.input_value("#clone-name") == "Dropped In"
-        page.click("#clone-add")
         page.wait_for_function("document.querySelector('#voice').value === 'Dropped In'")
         assert (Path(real.server.voices.voices_dir) / "Dropped In.wav").is_file()
         page.click("button[aria-label='Remove voice Dropped In']")
+        page.click("#confirm-ok")
         page.wait_for_function(
             "!document.querySelector(\"button[aria-label='Remove voice Dropped In']\")"
         )
 
-    def test_download_with_and_without_a_save_dialog(self, page, real):
-        generate_in_page(page, "Hello world.", "wav")
-        want = TestRealModel.library_seconds(real.model, "Hello world.")
-        page.evaluate("window.showSaveFilePicker = undefined")  # browsers without the API
-        with page.expect_download() as info:
-            page.click("#results li button:has-text('Download')")
-        download = info.value
-        assert re.fullmatch(r"pocket-tts-ref-[\d-]+\.wav", download.suggested_filename)
-        assert abs(duration(Path(download.path()).read_bytes()) - want) < 1e-3
-        page.evaluate(
-            """window.showSaveFilePicker = async (options) => ({
-                 createWritable: async () => ({
-                   write: async (blob) => { window.saved = {name: options.suggestedName,
-                                                           size: blob.size}; },
-                   close: async () => {},
-                 }),
-               })"""
-        )
-        page.click("#results li button:has-text('Download')")
-        page.wait_for_function("window.saved !== undefined")
-        saved = page.evaluate("window.saved")
-        assert saved["name"].endswith(".wav") and saved["size"] == round(want * SR) * 2 + 44
+    def test_errors_appear_next_to_their_cause_in_plain_words_on_a_phone(
+        self, browser, real, tmp_path
+    ):
+        page = open_page(browser, real.url, viewport={"width": 390, "height": 844})
+        bad = tmp_path / "notes.wav"
+        bad.write_bytes(b"this is not audio" * 100)
+        page.set_input_files("#clone-file", str(bad))
+        page.click("#clone-add")
+        page.wait_for_selector("#clone-error:not([hidden])")
+        message = page.inner_text("#clone-error")
+        assert message == "The voice file could not be decoded as audio."  # no field names
+        box = page.locator("#clone-error").bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 844  # in view, not 500 px above
+        good = write_audio(tmp_path / "ok.wav", tone(240, 2.0))
+        page.set_input_files("#clone-file", str(good))
+        assert page.is_hidden("#clone-error")  # a new attempt clears it
 
-    def test_api_error_is_shown(self, page, real, tmp_path):
+        page.route("**/v1/audio/speech", lambda route: route.abort())  # the server is gone
+        page.click("#generate")
+        page.wait_for_selector("#compose-error:not([hidden])")
+        assert "Can't reach the server" in page.inner_text("#compose-error")
+        assert page.is_visible("#offline") and "Failed to fetch" not in page.content()
+        page.unroute("**/v1/audio/speech")
+        page.wait_for_selector("#offline", state="hidden", timeout=10_000)  # it retries /health
+        generate_in_page(page, "Hello world.", "wav")
+        assert page.is_hidden("#compose-error")
+        page.close()
+
+    def test_a_vanished_voice_is_explained(self, page, real):
         write_audio(Path(real.server.voices.voices_dir) / "Doomed.wav", tone(240, 2.0))
         page.reload()
         page.wait_for_function(
@@ -3155,8 +3296,10 @@ class TestBrowserPage:
         (Path(real.server.voices.voices_dir) / "Doomed.wav").unlink()  # behind the page's back
         page.fill("#text", "Hello world.")
         page.click("#generate")
-        page.wait_for_selector("#error:not([hidden])")
-        assert "'Doomed' is not available" in page.inner_text("#error")
+        page.wait_for_selector("#compose-error:not([hidden])")
+        assert page.inner_text("#compose-error") == (
+            "That voice is no longer on the server. Pick another."
+        )
 
     def test_stop_button_and_keyboard_shortcut(self, page):
         page.click("[data-prompt=long]")
@@ -3164,22 +3307,92 @@ class TestBrowserPage:
         page.keyboard.press("Control+Enter")
         page.wait_for_function("document.querySelector('#generate').textContent === 'Stop'")
         page.click("#generate")
-        page.wait_for_function("document.querySelector('#metrics').textContent === 'stopped'")
+        page.wait_for_function("document.querySelector('#metrics').textContent === 'Stopped.'")
         assert page.inner_text("#generate") == "Generate"
 
-    def test_api_key_is_asked_once_and_kept(self, browser, stub):
+    def test_counter_counts_like_the_server_and_chips_can_be_undone(self, page, real):
+        page.fill("#text", "😀" * 4096)  # 4,096 code points: valid, the server agrees
+        assert page.inner_text("#counter") == "4,096 / 4,096 characters"
+        assert page.is_enabled("#generate")
+        page.fill("#text", "😀" * 4097)
+        assert page.is_disabled("#generate") and "over" in page.inner_text("#counter-alert")
+        assert page.get_attribute("#counter", "aria-live") is None  # not read at each keystroke
+        page.fill("#text", "My own words.")
+        page.click("[data-prompt=numbers]")
+        assert page.input_value("#text").startswith("On 3 May")
+        page.click("#undo")
+        assert page.input_value("#text") == "My own words."
+        page.click("[data-prompt=long]")  # a prompt over a prompt: nothing to undo
+        page.click("[data-prompt=greeting]")
+        assert page.is_hidden("#undo-note")
+
+    def test_voice_previews_are_generated_once(self, page):
+        requests_made = []
+        page.on("request", lambda r: requests_made.append(r) if "speech" in r.url else None)
+        page.click("#voice-preview")
+        page.wait_for_function("player.take && player.take.complete")
+        assert page.inner_text("#now-title") == "ref (preview)"
+        page.click("#voice-preview")  # again: from the page's cache
+        page.wait_for_function("player.playing")
+        assert len(requests_made) == 1
+        assert page.locator("#results li").count() == 0  # previews are not results
+
+    def test_results_can_be_deleted_and_cleared(self, page):
+        generate_in_page(page, "Hello world.", "wav")
+        generate_in_page(page, "Numbers one two three!", "mp3")
+        assert page.locator("#results li").count() == 2
+        page.click("#results li >> nth=0 >> button:has-text('Delete')")
+        assert page.locator("#results li").count() == 1 and page.is_hidden("#player")
+        page.click("#clear-results")
+        assert page.locator("#results li").count() == 0 and page.is_visible("#results-empty")
+
+    def test_api_key_is_checked_before_it_is_kept(self, browser, stub):
         live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
         try:
             page = browser.new_page()
             page.goto(live.url + "/")
-            page.wait_for_selector("#key-form:not([hidden])")
+            page.wait_for_selector("#key-card:not([hidden])")
+            assert page.is_hidden("#key-error") and page.is_hidden("#compose-error")
+            assert page.locator("main #key-card").count() == 1  # inside a landmark
+            page.fill("#api-key", "wrong")
+            page.click("#key-save")
+            page.wait_for_selector("#key-error:not([hidden])")
+            assert page.inner_text("#key-error") == (
+                "That key was not accepted. Check it and try again."
+            )
+            assert page.evaluate("localStorage.getItem('pocket-tts-api-key')") is None
             page.fill("#api-key", "s3cret")
-            page.click("#key-form button")
+            page.click("#key-save")
             page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+            assert page.is_hidden("#key-card") and page.is_hidden("#key-error")
             assert page.evaluate("localStorage.getItem('pocket-tts-api-key')") == "s3cret"
             page.reload()
             page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
-            assert page.is_hidden("#key-form")
+            assert page.is_hidden("#key-card")
+            page.click("#key-change")
+            page.click("#key-forget")
+            assert page.evaluate("localStorage.getItem('pocket-tts-api-key')") is None
+            assert page.is_visible("#key-card")
             page.close()
         finally:
             live.close()
+
+    @pytest.mark.parametrize("scheme", ["light", "dark"])
+    def test_axe_finds_no_serious_violations(self, browser, real, scheme, tmp_path):
+        if not AXE.is_file():
+            pytest.skip("axe-core is not installed (.ci/run installs it)")
+        page = open_page(browser, real.url, color_scheme=scheme)
+        generate_in_page(page, "Hello world.", "wav")  # the player and a result, too
+        page.add_script_tag(path=str(AXE))
+        found = page.evaluate(
+            "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+            ".map((v) => ({id: v.id, impact: v.impact, nodes: v.nodes.map((n) => n.target)}))"
+        )
+        serious = [v for v in found if v["impact"] in ("serious", "critical")]
+        assert serious == [], serious
+        shots = os.environ.get("PAGE_SCREENSHOTS")
+        if shots:  # for people to look at: light, dark, and a phone
+            page.screenshot(path=f"{shots}/page-{scheme}.png", full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.screenshot(path=f"{shots}/page-{scheme}-phone.png", full_page=True)
+        page.close()
