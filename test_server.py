@@ -2356,7 +2356,7 @@ class TestAttacks:
         [t.join() for t in threads]
         assert sorted(results) == [201, 409, 409, 409]
         assert len(set(latents.iterdir()) - before) == 1  # only the winner's latents remain
-        assert [p.name for p in voices_dir.iterdir()] == ["twin.wav"]
+        assert sorted(p.name for p in voices_dir.iterdir()) == [".uploads.json", "twin.wav"]
 
     def test_an_upload_whose_client_hung_up_creates_no_voice(self, stub, voices_dir):
         server = make_server(stub, voices_dir=str(voices_dir))
