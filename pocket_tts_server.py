@@ -14,16 +14,17 @@ Data flows top to bottom, and so does this file:
     -> encoding (PyAV) -> HTTP API (Flask, served by waitress) -> Wyoming (Home Assistant)
     -> main -> page
 
-The Engine is the only code that touches the model. Its BatchScheduler advances every active
-stream by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread),
-lets sentences join and leave at any tick, and admits streams while the batch stays faster than
-real time; requests beyond that wait in a bounded queue. Each stream keeps its own KV region and
-seeded noise, so its audio does not depend on what else is batched. The Engine yields float32
-audio chunks and honours a stop event (set when a client hangs up), so HTTP handlers and encoders
-never depend on how generation is scheduled. Encoders are incremental, so a streamed response
-leaves as soon as the model produces audio, in every format. The web page and its logo are
-embedded at the end, so this file copied alone still runs. With --wyoming_port, the same Engine
-also speaks the Wyoming protocol, so Home Assistant's voice pipelines use it natively.
+The Engine is the only code that touches the model. Its BatchScheduler advances every active stream
+by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), lets
+sentences join and leave at any tick, and admits streams while the batch stays faster than real
+time, by step times measured at start-up; requests beyond that wait in a bounded queue. Each stream
+keeps its own KV region and seeded noise, so its audio does not depend on what else is batched. The
+Engine yields float32 audio chunks and honours a stop event (set when a client hangs up), so HTTP
+handlers and encoders never depend on how generation is scheduled. Encoders are incremental, so a
+streamed response leaves as soon as the model produces audio, in every format. The web page (one
+player that decodes every format while it streams) and its logo are embedded at the end, so this
+file copied alone still runs. With --wyoming_port, the same Engine also speaks the Wyoming
+protocol, so Home Assistant's voice pipelines use it natively.
 """
 
 from __future__ import annotations
