@@ -3450,8 +3450,8 @@ textarea, select, input[type=text], input[type=password] { width: 100%; font: in
   color: inherit; background: var(--bg); border: 1px solid var(--line); border-radius: 10px;
   padding: 9px 11px; }
 textarea { min-height: 150px; resize: vertical; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(170px, 1fr)); gap: 12px;
-  margin-top: 12px; }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; margin-top: 12px; }
+@media (max-width: 520px) { .grid { grid-template-columns: 1fr; } }
 .wide { grid-column: 1 / -1; }
 .inline { display: flex; gap: 8px; align-items: center; }
 .inline > :first-child { flex: 1; min-width: 0; }
@@ -3495,7 +3495,8 @@ kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-
 .list li { display: flex; align-items: center; gap: 8px; background: var(--bg);
   border-radius: 10px; padding: 8px 8px 8px 12px; font-size: 14px; flex-wrap: wrap; }
 .list li[aria-current=true] { outline: 2px solid var(--fill); }
-.list .grow { flex: 1; min-width: 0; }
+.list .grow { flex: 1 1 180px; min-width: 0; }  /* the buttons wrap below it on phones */
+.buttons { display: flex; gap: 6px; }
 .list .meta { font-size: 12px; color: var(--muted); }
 .snippet { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .small { padding: 3px 9px; font-size: 13px; }
@@ -4348,10 +4349,10 @@ function resultItem(take) {
     b.addEventListener("click", action);
     return b;
   };
-  item.append(about,
+  item.append(about, element("div", { className: "buttons" },
     button("Play", "Play", () => { player.load(take); player.play(); }),
     button("Download", "Download", () => saveTake(take).catch((e) => showError("save-error", e))),
-    button("Delete", "Delete", () => deleteTake(take)));
+    button("Delete", "Delete", () => deleteTake(take))));
   return item;
 }
 
@@ -4444,10 +4445,12 @@ function renderVoices(list, voices, inUse, removable) {
     listen.dataset.preview = v.id;
     listen.disabled = Boolean(ui.job);
     const use = () => { $("voice").value = v.id; $("text").focus(); };
-    item.append(listen, button("Use", `Use voice ${v.id}`, use));
+    const buttons = element("div", { className: "buttons" },
+                            listen, button("Use", `Use voice ${v.id}`, use));
     if (removable && !v.default && !inUse.has(v.id)) {
-      item.append(button("Remove", `Remove voice ${v.id}`, () => removeVoice(v.id)));
+      buttons.append(button("Remove", `Remove voice ${v.id}`, () => removeVoice(v.id)));
     }
+    item.append(buttons);
     return item;
   }));
   if (!voices.length) {
