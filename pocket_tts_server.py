@@ -957,6 +957,9 @@ class VoiceCatalog:
         if allow_paths and Path(key).is_absolute():
             path = check_voice_path(Path(key), self.voices_dir)
             return VoiceSource("file", str(path), path.stem)
+        default = getattr(self, "default", None)  # a default given as a path, by the name listed
+        if default is not None and key.lower() == default.name.lower():
+            return default
         raise VoiceNotFound(
             f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}; "
             "or an absolute path to an audio file on the server."

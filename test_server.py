@@ -1364,6 +1364,14 @@ class TestOpenAICompatibility:
         assert server.voices.default.ref == str(tmp_path / "voices" / "me.wav")
         assert spoken_freq(server.app.test_client()) == pytest.approx(280, abs=3)
 
+    def test_a_default_given_as_a_path_answers_to_its_listed_name(self, stub, reference):
+        """GET /v1/voices says `"default": "ref"`; a client that sends that name gets that voice."""
+        client = make_server(stub, default_voice=str(reference)).app.test_client()
+        listed = client.get("/v1/voices").json["default"]
+        assert listed == reference.stem
+        assert spoken_freq(client, voice=listed) == pytest.approx(spoken_freq(client), abs=1)
+        assert_openai_error(speech(client, voice="nobody-here"), 400, "voice")
+
     def test_pauses_insert_silence(self, client, server, stub):
         plain = expected_seconds(stub, server.engine, "Hello world.")
         cases = {
