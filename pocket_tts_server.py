@@ -141,7 +141,8 @@ FLAG_HELP = {
     "(e.g. https://app.example.com; * for any); others' cross-site writes are refused",
     "max_input_chars": "longest accepted `input`, in characters",
     "max_batch": "streams generated together in one batched step at most (0: 16 on CPU, 128 on "
-    "CUDA); fewer are admitted when more would not stay faster than real time",
+    "CUDA, within half the free memory); fewer are admitted when more would not stay faster "
+    "than real time",
     "realtime_margin": "admit a stream only while the batch stays this many times faster than "
     "real time (0: admit up to --max_batch, for throughput over smooth streaming)",
     "workers": "deprecated: same as --max_batch",
@@ -3241,10 +3242,41 @@ def user_dir(kind: str) -> Path:
 
 
 def default_max_batch(model) -> int:
-    """Streams at most: batched, what a device holds; otherwise one generation per two cores."""
+    """Streams at most: batched, what a device holds; otherwise one generation per two cores.
+
+    A batch slot holds the KV regions of the longest sentence, so the default also leaves half of
+    the device's free memory to everything else (a small GPU gets fewer slots, not an OOM).
+    """
     if check_internals(model):
         return max(1, (os.cpu_count() or 2) // 2)
-    return 128 if str(getattr(model, "device", "cpu")).startswith("cuda") else 16
+    device = str(getattr(model, "device", "cpu"))
+    wanted = 128 if device.startswith("cuda") else 16
+    free = free_memory(device)
+    return wanted if free is None else max(1, min(wanted, free // 2 // slot_bytes(model)))
+
+
+def slot_bytes(model) -> int:
+    """Memory of one batch slot: FlowLM and Mimi KV regions for the longest sentence (float32)."""
+    length, frames = row_capacity(model)
+    steps = int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
+
+    def per_position(layers) -> int:
+        return sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.dim_per_head * 4
+                   for layer in layers)  # fmt: skip
+
+    flow, mimi = model.flow_lm.transformer.layers, model.mimi.decoder_transformer.transformer.layers
+    return per_position(flow) * length + per_position(mimi) * steps * frames
+
+
+def free_memory(device: str) -> int | None:
+    """Free bytes on the device (CUDA), or available RAM (Linux); None where unknown."""
+    with contextlib.suppress(Exception):
+        if device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.mem_get_info(torch.device(device))[0]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def build_server(settings: Settings, model=None) -> SpeechServer:

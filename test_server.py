@@ -2707,6 +2707,20 @@ class TestBatching:
         fake.step_seconds = {2: 0.05}
         assert estimate(1) == 0.05 and estimate(4) == pytest.approx(0.05 * (1 + 0.5))
 
+    def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
+        """A slot is the KV regions of the longest sentence; a small device gets fewer slots."""
+        scheduler = real.server.engine.scheduler
+        per_slot = srv.slot_bytes(real.model)
+        flow = sum(k.element_size() * k[0].numel() * 2 for k, _ in scheduler.flow.layers)
+        mimi = sum(k.element_size() * k[0].numel() * 2 for k, _ in scheduler.mimi.layers)
+        assert per_slot == flow + mimi  # what the scheduler really allocates per slot
+        monkeypatch.setattr(srv, "free_memory", lambda device: 5 * per_slot)
+        assert srv.default_max_batch(real.model) == 2
+        monkeypatch.setattr(srv, "free_memory", lambda device: 10**15)
+        assert srv.default_max_batch(real.model) == 16  # CPU's ceiling
+        monkeypatch.setattr(srv, "free_memory", lambda device: None)
+        assert srv.default_max_batch(real.model) == 16
+
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
         packed = srv.pack_linears(layers)
