@@ -1136,6 +1136,7 @@ FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the wavefor
 # share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
 # sizes 1, 2, 4, ... so the guess is rarely needed.
 MARGINAL_STREAM_COST = 0.5
+PREFILL_BATCH = 8  # prefills computed in one pass at most: the first arrivals wait for no more
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1149,13 +1150,13 @@ MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded
 INTERNALS = {
     "TTSModel": ("flow_lm", "mimi", "temp", "sampler_decode_steps", "noise_clamp",
                  "eos_threshold", "model_recommended_frames_after_eos", "_estimate_max_gen_len",
-                 "_run_flow_lm_and_increment_step", "_expand_kv_cache", "_MIN_FRAMES_BEFORE_EOS"),
+                 "_MIN_FRAMES_BEFORE_EOS"),
     "FlowLMModel": ("transformer", "input_linear", "out_norm", "z_proj", "out_eos", "flow_net",
                     "flow_type", "bos_emb", "emb_std", "emb_mean", "ldim", "conditioner"),
     "StreamingTransformerLayer": ("self_attn", "norm1", "layer_scale_1", "norm2", "linear1",
                                   "linear2", "layer_scale_2"),
     "StreamingMultiheadAttention": ("in_proj", "out_proj", "num_heads", "num_kv_heads",
-                                    "dim_per_head", "attn_dim", "context", "rope"),
+                                    "dim_per_head", "attn_dim", "context", "rope", "get_state"),
     "MimiModel": ("quantizer", "_to_encoder_framerate", "decoder_transformer", "decoder",
                   "frame_rate", "encoder_frame_rate"),
     "ProjectedTransformer": ("input_proj", "transformer", "output_projs"),
@@ -1329,22 +1330,39 @@ def mimi_step(model, latents, state, regions, starts, linear):
     return mimi.decoder(x, state)[:, 0]
 
 
-def prefill(model, voice_state, tokens):
-    """A stream's prefix, computed by pocket-tts itself: the voice prompt, then the text.
+def voice_prefix(model, voice_state) -> tuple[list, int]:
+    """A voice's prompt as pocket-tts cached it: FlowLM keys and values ([2, L, H, D]) by layer."""
+    length = int(next(s["offset"] for s in voice_state.values() if "offset" in s).view(-1)[0])
+    layers = model.flow_lm.transformer.layers
+    return [
+        layer.self_attn.get_state(voice_state)["cache"][:, 0, :length] for layer in layers
+    ], length
 
-    Returns each FlowLM layer's keys and values ([P, H, D] each) and the prefix length P. It
-    runs on the request's thread, so the batch keeps stepping while a sentence prepares to join.
+
+def prefill(model, jobs: list, linear) -> list[tuple[list, int]]:
+    """Streams' prefixes in one batched pass: each voice's cached prompt, then its text.
+
+    jobs: [(voice_state, tokens [1, T])]. Returns, per job, each FlowLM layer's keys and values
+    ([2, P, H, D]) and the prefix length P. Texts are padded at the end to the longest: a padded
+    position comes after every real one, so (attention being causal) no real one sees it, and
+    it is not returned. It runs on a request's thread, beside the batch.
     """
     import torch
 
-    state = copy.deepcopy(voice_state)
-    length = next(s["offset"] for s in state.values() if "offset" in s).view(-1)[0]
-    length = int(length) + tokens.shape[1]
-    model._expand_kv_cache(state, sequence_length=length)
-    with torch.no_grad():
-        model._run_flow_lm_and_increment_step(model_state=state, text_tokens=tokens)
-    layers = model.flow_lm.transformer.layers
-    return [layer.self_attn.get_state(state)["cache"][:, 0, :length] for layer in layers], length
+    lm = model.flow_lm
+    voices = [voice_prefix(model, state) for state, _ in jobs]
+    texts = [lm.conditioner(tokens)[0] for _, tokens in jobs]  # [T, dim] each
+    lengths = [length + text.shape[0] for (_, length), text in zip(voices, texts, strict=True)]
+    room = max(length for _, length in voices) + max(text.shape[0] for text in texts)  # padding
+    regions = Regions(lm.transformer.layers, len(jobs), room, texts[0].device, torch.float32)
+    for row, (caches, length) in enumerate(voices):
+        for (keys, values), cache in zip(regions.layers, caches, strict=True):
+            keys[row, :length], values[row, :length] = cache[0], cache[1]
+        regions.starts[row] = length
+    x = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # [B, T, dim]
+    run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
+    return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers], length)
+            for row, length in enumerate(lengths)]  # fmt: skip
 
 
 def row_capacity(model) -> tuple[int, int]:
@@ -1759,7 +1777,8 @@ class Engine:
         self.max_reference_seconds = max_reference_seconds
         self._counts = threading.Condition()
         self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
-        self._prefilling = threading.Lock()  # one prefill at a time, in arrival order
+        self._prefilling = threading.Lock()  # one prefill pass at a time
+        self._prefills: list[dict] = []  # jobs waiting for a pass, in arrival order
         self.waiting = self.active = 0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
@@ -2027,6 +2046,37 @@ class Engine:
                 yield audio
             seed += 7919
 
+    def _prefill(self, voice_state, tokens) -> tuple[list, int]:
+        """This row's prefix, computed in one pass with the others waiting for theirs.
+
+        One pass at a time: its holder takes every waiting job (up to PREFILL_BATCH, in
+        arrival order); a thread whose job another pass did returns at once. Batched, the
+        matrix products cost far less per row, so several requests arriving together start
+        speaking sooner than after one prefill each.
+        """
+        import torch
+
+        job = {"args": (voice_state, tokens)}
+        with self._counts:
+            self._prefills.append(job)
+        with self._prefilling:
+            if "result" not in job and "error" not in job:
+                with self._counts:
+                    jobs = self._prefills[:PREFILL_BATCH]
+                    del self._prefills[:PREFILL_BATCH]
+                try:
+                    with torch.no_grad():
+                        results = prefill(self.model, [j["args"] for j in jobs],
+                                          self.scheduler.linear)  # fmt: skip
+                    for done, result in zip(jobs, results, strict=True):
+                        done["result"] = result
+                except Exception as exc:  # noqa: BLE001 - every job of the pass reports it
+                    for done in jobs:
+                        done["error"] = exc
+        if "error" in job:
+            raise job["error"]
+        return job["result"]
+
     def _text_options(self) -> tuple:
         m = self.model
         return (m.pad_with_spaces_for_short_inputs, m.remove_semicolons,
@@ -2036,8 +2086,7 @@ class Engine:
     def _row(self, part: str, voice_state, stop, seed: int, max_frames: int | None = None):
         """A batch row for one chunk of text, its prefix computed by pocket-tts.
 
-        Prefills run one at a time, in arrival order: when several requests arrive at once, the
-        first starts speaking after one prefill instead of all of them after all of them.
+        Prefills of requests that arrive together are computed together (`_prefill`).
         """
         import torch
         from pocket_tts.models.text_chunking import prepare_text_prompt
@@ -2046,8 +2095,7 @@ class Engine:
         text, frames_after_guess = prepare_text_prompt(part, *self._text_options())
         tokens = m.flow_lm.conditioner.prepare(text)
         frames_after = m.model_recommended_frames_after_eos
-        with self._prefilling:
-            prefix, length = prefill(m, voice_state, tokens)
+        prefix, length = self._prefill(voice_state, tokens)
         return Sentence(
             prefix=prefix,
             length=length,

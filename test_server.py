@@ -2709,17 +2709,49 @@ class TestBatching:
 
     def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
         """A slot is the KV regions of the longest sentence; a small device gets fewer slots."""
-        scheduler = real.server.engine.scheduler
-        per_slot = srv.slot_bytes(real.model)
-        flow = sum(k.element_size() * k[0].numel() * 2 for k, _ in scheduler.flow.layers)
-        mimi = sum(k.element_size() * k[0].numel() * 2 for k, _ in scheduler.mimi.layers)
-        assert per_slot == flow + mimi  # what the scheduler really allocates per slot
+        model, per_slot = real.model, srv.slot_bytes(real.model)
+        fresh = srv.BatchScheduler(model, 1)  # what a scheduler allocates for one slot
+        allocated = sum(k.nbytes + v.nbytes for regions in (fresh.flow, fresh.mimi)
+                        for k, v in regions.layers)  # fmt: skip
+        assert per_slot == allocated
         monkeypatch.setattr(srv, "free_memory", lambda device: 5 * per_slot)
         assert srv.default_max_batch(real.model) == 2
         monkeypatch.setattr(srv, "free_memory", lambda device: 10**15)
         assert srv.default_max_batch(real.model) == 16  # CPU's ceiling
         monkeypatch.setattr(srv, "free_memory", lambda device: None)
         assert srv.default_max_batch(real.model) == 16
+
+    def test_batched_prefill_is_pocket_tts_prefill(self, real, voices):
+        """Prefixes computed together (other voices, text lengths padded) equal pocket-tts's own."""
+        model, engine = real.model, real.server.engine
+        tokens = [model.flow_lm.conditioner.prepare(text) for text in ("Hi.", *CORPUS[:2])]
+        jobs = list(zip(voices, tokens, strict=True))
+        with torch.no_grad():
+            together = srv.prefill(model, jobs, engine.scheduler.linear)
+        for (caches, length), (voice, text) in zip(together, jobs, strict=True):
+            state = copy.deepcopy(voice)  # what pocket-tts does before generating
+            model._expand_kv_cache(state, sequence_length=length)
+            with torch.no_grad():
+                model._run_flow_lm_and_increment_step(model_state=state, text_tokens=text)
+            for layer, cache in zip(model.flow_lm.transformer.layers, caches, strict=True):
+                want = layer.self_attn.get_state(state)["cache"][:, 0, :length]
+                assert cache.shape == want.shape
+                assert torch.allclose(cache, want, rtol=1e-4, atol=1e-5)
+
+    def test_requests_arriving_together_share_a_prefill_pass(self, real, voices, monkeypatch):
+        engine, passes = real.server.engine, []
+        real_prefill = srv.prefill
+
+        def counted(model, jobs, linear):
+            passes.append(len(jobs))
+            time.sleep(0.3)  # a slow pass: the others queue behind it
+            return real_prefill(model, jobs, linear)
+
+        monkeypatch.setattr(srv, "prefill", counted)
+        jobs = [(CORPUS[i % 3], voices[i % 3], i, 0.02 * i) for i in range(5)]
+        results = self.run_all(engine, jobs)
+        assert len(results) == 5 and sum(passes) >= 5
+        assert max(passes) > 1 and len(passes) < sum(passes)  # some computed together
 
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
@@ -2733,9 +2765,9 @@ class TestBatching:
         assert srv.pack_linears([copy.deepcopy(layers[0]).double()]) == {}  # F.linear then
 
     def test_check_internals_names_what_an_upgrade_removed(self, real, monkeypatch):
-        monkeypatch.delattr(type(real.model), "_expand_kv_cache")
+        monkeypatch.delattr(type(real.model), "_estimate_max_gen_len")
         monkeypatch.delattr(type(real.model.flow_lm.transformer.layers[0].self_attn), "forward")
-        assert srv.check_internals(real.model) == ["TTSModel._expand_kv_cache"]
+        assert srv.check_internals(real.model) == ["TTSModel._estimate_max_gen_len"]
         monkeypatch.setattr(real.model.flow_lm, "flow_type", None, raising=False)
         monkeypatch.delattr(real.model.flow_lm, "flow_type")
         assert "FlowLMModel.flow_type" in srv.check_internals(real.model)
