@@ -1132,11 +1132,12 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
+STEP_MEMORY_SECONDS = 60.0  # a step time measured at run time is trusted this long
 # With a single batch size measured, each stream more is guessed to cost half a lone stream's
 # share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
 # sizes 1, 2, 4, ... so the guess is rarely needed.
 MARGINAL_STREAM_COST = 0.5
-PREFILL_BATCH = 8  # prefills computed in one pass at most: the first arrivals wait for no more
+PREFILL_BATCH = 4  # prefills computed in one pass at most: the first arrivals wait for no more
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1378,6 +1379,25 @@ def row_capacity(model) -> tuple[int, int]:
     return prompt + MAX_TOKEN_PER_CHUNK + frames, frames
 
 
+def estimate_step(measured: dict[int, float], streams: int) -> float | None:
+    """The step time of `streams` rows from times measured at some batch sizes: interpolated
+    between them, extrapolated beyond them (the last slope, or MARGINAL_STREAM_COST)."""
+    if not measured:
+        return None
+    measured = sorted(measured.items())
+    below = [m for m in measured if m[0] <= streams] or measured[:1]
+    above = [m for m in measured if m[0] >= streams]
+    (n0, t0), (n1, t1) = below[-1], (above[0] if above else below[-1])
+    if n1 > n0:
+        return t0 + (t1 - t0) * (streams - n0) / (n1 - n0)
+    if len(below) >= 2 and not above:  # beyond the largest size: its last slope
+        n_prev, t_prev = below[-2]
+        per_stream = max(0.0, (t0 - t_prev) / (n0 - n_prev))
+    else:  # one size measured: a guess
+        per_stream = MARGINAL_STREAM_COST * t0 / n0
+    return t0 + per_stream * max(0, streams - n0)
+
+
 # -- the batch scheduler ------------------------------------------------------------------------
 
 
@@ -1482,6 +1502,9 @@ class BatchScheduler:
         self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
         self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
+        self.ticks: list | None = None  # (batch size, seconds) of each tick, while calibrating
+        self.calibrated: dict[int, float] = {}  # batch size -> median tick time at start-up
+        self.measured_at: dict[int, float] = {}  # batch size -> when it last ran
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mimi")
         self.thread = threading.Thread(target=self._run, name="batch", daemon=True)
         self.thread.start()
@@ -1500,21 +1523,15 @@ class BatchScheduler:
         return math.inf if seconds is None else self.frame_seconds / seconds
 
     def step_estimate(self, streams: int) -> float | None:
-        """A batch's step time: interpolated between measured sizes, extrapolated beyond them."""
-        measured = sorted(self.step_seconds.items())
-        if not measured:
-            return None
-        below = [m for m in measured if m[0] <= streams] or measured[:1]
-        above = [m for m in measured if m[0] >= streams]
-        (n0, t0), (n1, t1) = below[-1], (above[0] if above else below[-1])
-        if n1 > n0:
-            return t0 + (t1 - t0) * (streams - n0) / (n1 - n0)
-        if len(below) >= 2 and not above:  # beyond the largest size: its last slope
-            n_prev, t_prev = below[-2]
-            per_stream = max(0.0, (t0 - t_prev) / (n0 - n_prev))
-        else:  # one size measured: a guess
-            per_stream = MARGINAL_STREAM_COST * t0 / n0
-        return t0 + per_stream * max(0, streams - n0)
+        """A batch's step time, from recent measurements, else the start-up calibration.
+
+        A measurement is trusted for STEP_MEMORY_SECONDS: a size that ran slowly once (a busy
+        machine) and so is no longer admitted falls back to its calibrated time, not forever.
+        """
+        now = time.monotonic()
+        recent = {n: t for n, t in self.step_seconds.items()
+                  if now - self.measured_at.get(n, -math.inf) < STEP_MEMORY_SECONDS}  # fmt: skip
+        return estimate_step(self.calibrated | recent, streams)
 
     def calibrate(self, sentence, frames: int = 6):
         """Measure the step at batch sizes 1, 2, 4, ... up to max_batch, through the loop itself.
@@ -1524,14 +1541,19 @@ class BatchScheduler:
         """
         size = 1
         while True:
+            ticks = []
             for _ in range(2):  # the first run grows the slot arrays: keep the second's times
-                self.step_seconds.pop(size, None)
+                self.ticks = ticks = []
                 rows = [sentence(frames) for _ in range(size)]
                 self.submit_all(rows)
                 for row in rows:
                     while (audio := row.audio.get()) is not None:
                         if isinstance(audio, Exception):
                             raise audio
+            self.ticks = None
+            full = sorted(seconds for streams, seconds in ticks if streams == size)
+            if full:  # the median: one slow tick (a busy machine) must not decide for good
+                self.calibrated[size] = full[len(full) // 2]
             if size >= self.max_batch or self.headroom(size) < 1.0:
                 return
             size = min(2 * size, self.max_batch)
@@ -1722,6 +1744,10 @@ class BatchScheduler:
         }
 
     def _record(self, streams: int, seconds: float):
+        if self.ticks is not None:  # calibrating
+            self.ticks.append((streams, seconds))
+            return
+        self.measured_at[streams] = time.monotonic()
         old = self.step_seconds.get(streams)
         self.step_seconds[streams] = seconds if old is None else 0.9 * old + 0.1 * seconds
 
@@ -2049,10 +2075,10 @@ class Engine:
     def _prefill(self, voice_state, tokens) -> tuple[list, int]:
         """This row's prefix, computed in one pass with the others waiting for theirs.
 
-        One pass at a time: its holder takes every waiting job (up to PREFILL_BATCH, in
-        arrival order); a thread whose job another pass did returns at once. Batched, the
-        matrix products cost far less per row, so several requests arriving together start
-        speaking sooner than after one prefill each.
+        One pass at a time: its holder takes the waiting jobs in arrival order (PREFILL_BATCH
+        at most per pass, until its own is done); a thread whose job another pass did returns at
+        once. Batched, the matrix products cost far less per row, so several requests arriving
+        together start speaking sooner than after one prefill each.
         """
         import torch
 
@@ -2060,7 +2086,7 @@ class Engine:
         with self._counts:
             self._prefills.append(job)
         with self._prefilling:
-            if "result" not in job and "error" not in job:
+            while "result" not in job and "error" not in job:
                 with self._counts:
                     jobs = self._prefills[:PREFILL_BATCH]
                     del self._prefills[:PREFILL_BATCH]

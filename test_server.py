@@ -13,7 +13,6 @@ import asyncio
 import base64
 import contextlib
 import copy
-import functools
 import io
 import json
 import logging
@@ -2696,16 +2695,24 @@ class TestBatching:
         assert real.server.engine.scheduler is not None
         assert requests.get(f"{real.url}/health").json()["batched"] is True
 
-    def test_admission_starts_from_measured_step_times(self, real):
+    def test_admission_starts_from_measured_step_times(self, real, monkeypatch):
         """Start-up calibration ran batches of 1, 2, 4, ...; estimates interpolate between them."""
         scheduler = real.server.engine.scheduler
-        assert {1, 2, 4} <= set(scheduler.step_seconds)
-        fake = SimpleNamespace(step_seconds={1: 0.04, 2: 0.05, 4: 0.07})
-        estimate = functools.partial(srv.BatchScheduler.step_estimate, fake)
-        assert estimate(1) == 0.04 and estimate(3) == pytest.approx(0.06)
-        assert estimate(8) == pytest.approx(0.07 + 4 * 0.01)  # the last slope, onwards
-        fake.step_seconds = {2: 0.05}
-        assert estimate(1) == 0.05 and estimate(4) == pytest.approx(0.05 * (1 + 0.5))
+        assert {1, 2, 4} <= set(scheduler.calibrated)
+        estimate = srv.estimate_step
+        table = {1: 0.04, 2: 0.05, 4: 0.07}
+        assert estimate(table, 1) == 0.04 and estimate(table, 3) == pytest.approx(0.06)
+        assert estimate(table, 8) == pytest.approx(0.07 + 4 * 0.01)  # the last slope, onwards
+        assert estimate({2: 0.05}, 1) == 0.05
+        assert estimate({2: 0.05}, 4) == pytest.approx(0.05 * (1 + 0.5))  # a guess
+        assert estimate({}, 3) is None
+        # A size that once ran slowly is trusted for a minute, then its calibration is back.
+        monkeypatch.setattr(scheduler, "calibrated", {1: 0.04, 2: 0.05})
+        monkeypatch.setattr(scheduler, "step_seconds", {2: 0.5})
+        monkeypatch.setattr(scheduler, "measured_at", {2: time.monotonic()})
+        assert scheduler.step_estimate(2) == 0.5
+        scheduler.measured_at[2] -= srv.STEP_MEMORY_SECONDS + 1
+        assert scheduler.step_estimate(2) == 0.05
 
     def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
         """A slot is the KV regions of the longest sentence; a small device gets fewer slots."""
@@ -2748,10 +2755,16 @@ class TestBatching:
             return real_prefill(model, jobs, linear)
 
         monkeypatch.setattr(srv, "prefill", counted)
+        monkeypatch.setattr(srv, "PREFILL_BATCH", 2)  # more waiting than one pass takes
         jobs = [(CORPUS[i % 3], voices[i % 3], i, 0.02 * i) for i in range(5)]
         results = self.run_all(engine, jobs)
-        assert len(results) == 5 and sum(passes) >= 5
-        assert max(passes) > 1 and len(passes) < sum(passes)  # some computed together
+        assert len(results) == 5 and sum(passes) >= 5 and max(passes) == 2
+        assert len(passes) < sum(passes)  # some computed together
+        monkeypatch.setattr(srv, "prefill", real_prefill)
+        for i in (0, 4):  # each got its own prefix: the same audio as when it runs alone
+            alone = self.run_all(engine, [jobs[i]])[0]
+            assert alone.size == results[i].size
+            assert np.abs(alone - results[i]).max() < 1e-4 * max(1e-3, np.abs(alone).max()) + 1e-6
 
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
@@ -2813,25 +2826,23 @@ class TestBatching:
         assert done["short"] < done["long"]
         assert engine.scheduler.stats()["batch_size"] == 0  # everyone left
 
-    def test_admission_follows_the_measured_step_time(self, real):
-        engine = real.server.engine
-        scheduler, saved = engine.scheduler, dict(engine.scheduler.step_seconds)
-        margin = engine.realtime_margin
-        try:
-            engine.active = 4
-            scheduler.step_seconds = {4: 0.02}  # 4 streams in 20 ms: a fifth fits easily
-            assert engine.admits()
-            scheduler.step_seconds = {4: 0.07}  # 79 ms projected for 5: too close to 80 ms
-            assert not engine.admits()
-            scheduler.step_seconds = {4: 0.06, 5: 0.061}  # measured: batching is nearly free
-            assert engine.admits()
-            engine.realtime_margin = 0  # throughput first: up to --max_batch, however slow
-            scheduler.step_seconds = {4: 0.5}
-            assert engine.admits()
-            engine.active = engine.max_batch
-            assert not engine.admits()  # --max_batch is a ceiling
-        finally:
-            engine.active, scheduler.step_seconds, engine.realtime_margin = 0, saved, margin
+    def test_admission_follows_the_measured_step_time(self, real, monkeypatch):
+        engine, scheduler = real.server.engine, real.server.engine.scheduler
+        monkeypatch.setattr(scheduler, "step_seconds", {})
+        monkeypatch.setattr(engine, "active", 4)
+        monkeypatch.setattr(scheduler, "calibrated", {4: 0.02})  # 4 in 20 ms: a fifth fits easily
+        assert engine.admits()
+        scheduler.calibrated = {4: 0.07}  # 79 ms projected for 5: too close to 80 ms
+        assert not engine.admits()
+        scheduler.calibrated = {4: 0.06, 5: 0.061}  # measured: batching is nearly free
+        assert engine.admits()
+        scheduler.step_seconds, scheduler.measured_at = {5: 0.09}, {5: time.monotonic()}
+        assert not engine.admits()  # measured now, slower: it counts
+        monkeypatch.setattr(engine, "realtime_margin", 0)  # throughput first, however slow
+        scheduler.calibrated = {4: 0.5}
+        assert engine.admits()
+        engine.active = engine.max_batch
+        assert not engine.admits()  # --max_batch is a ceiling
 
     def test_a_failed_step_fails_its_streams_and_the_batch_goes_on(self, real, voices,
                                                                      monkeypatch):  # fmt: skip
