@@ -1467,9 +1467,9 @@ class BatchScheduler:
 
     Each tick runs one FlowLM step for all rows while Mimi decodes the previous tick's latents
     on a second thread (pocket-tts overlaps them the same way), then sentences join (their
-    prefix computed by pocket-tts) and leave (finished, stopped) between ticks. Rows live in
-    slots 0..n-1, so a step works on views, never on copies; a leaving row's slot is refilled
-    by the last one. Per-stream KV regions keep every stream at its own positions, so a
+    prefix computed on the request's thread) and leave (finished, stopped) between ticks. Rows
+    live in slots 0..n-1, so a step works on views, never on copies; a leaving row's slot is
+    refilled by the last one. Per-stream KV regions keep every stream at its own positions, so a
     stream's audio does not depend on what else is batched.
     """
 
@@ -2110,7 +2110,7 @@ class Engine:
                 m.replace_characters)  # fmt: skip
 
     def _row(self, part: str, voice_state, stop, seed: int, max_frames: int | None = None):
-        """A batch row for one chunk of text, its prefix computed by pocket-tts.
+        """A batch row for one chunk of text, its prefix computed (a voice prompt, then the text).
 
         Prefills of requests that arrive together are computed together (`_prefill`).
         """
