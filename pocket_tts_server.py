@@ -499,6 +499,57 @@ def say_year(year: int, rules: LanguageRules) -> str:
     return num2words_lang(rules, year, to="year")
 
 
+def say_matched_number(m: re.Match, rules: LanguageRules) -> str:
+    """A matched number with its sign ("neg", "num"); a list of numbers part by part."""
+    value = parse_number(m["num"], rules)
+    if value is None:
+        return ("-" if m["neg"] else "") + say_parts(m["num"], rules)
+    return say_number(-value if m["neg"] else value, rules)
+
+
+def say_matched_money(m: re.Match, rules: LanguageRules) -> str:
+    """A matched amount ("num", "num2" or "num3") with its symbol or code."""
+    text = m["num"] or m["num2"] or m["num3"]
+    amount = parse_number(text, rules)
+    code = CURRENCY_SYMBOLS.get(m["pre"] or m["post"] or "", m["code"])
+    if amount is None:
+        return f"{say_parts(text, rules)} {currency_unit(code, 2, rules)}"
+    return say_money(amount, code, rules)
+
+
+def say_degrees(m: re.Match, rules: LanguageRules) -> str:
+    """A matched temperature ("num", "unit")."""
+    unit = {"C": " Celsius", "F": " Fahrenheit"}.get(m["unit"] or "", "")
+    return f"{say_matched_number(m, rules)} {rules.degrees}{unit}"
+
+
+def say_date(m: re.Match, rules: LanguageRules) -> str:
+    """A matched day and month (and year); an impossible day is left as it was."""
+    day = int(m["day"])
+    if not 1 <= day <= 31:
+        return m[0]
+    month = m["month"].lower()
+    month = month.capitalize() if rules.code in ("en", "de") else month
+    if rules.code == "en" and m.groupdict().get("month_first"):
+        spoken = f"{month} {say_day(day, rules)}"  # "May 3" -> "May third"
+    else:
+        spoken = rules.date.format(day=say_day(day, rules), month=month)
+    if m["year"]:
+        spoken += f"{',' if ',' in m[0] else ''} {say_year(int(m['year']), rules)}"
+    return spoken
+
+
+def say_clock(m: re.Match, rules: LanguageRules) -> str:
+    """A matched time of day ("h", "m")."""
+    hour, minute = num2words_lang(rules, int(m["h"])), int(m["m"])
+    if minute == 0:
+        return rules.full_hour.format(hour=hour)
+    spoken = num2words_lang(rules, minute)
+    if rules.code == "en" and minute < 10:
+        spoken = "oh " + spoken  # "10:05" -> "ten oh five"
+    return rules.time.format(hour=hour, minute=spoken)
+
+
 def expand_numbers(text: str, rules: LanguageRules) -> str:
     """Money, percentages, temperatures, dates, times, ordinals, years, then plain numbers."""
     months = rules.months.replace(" ", "|")
@@ -507,55 +558,19 @@ def expand_numbers(text: str, rules: LanguageRules) -> str:
     ordinal = rf"(?:{rules.ordinal_suffix})"
     year = r"(?:,?\s+(?P<year>\d{4}))?"
 
-    def number(m: re.Match) -> str:
-        value = parse_number(m["num"], rules)
-        if value is None:
-            return ("-" if m["neg"] else "") + say_parts(m["num"], rules)
-        return say_number(-value if m["neg"] else value, rules)
+    def with_rules(say):  # re.sub calls say(match); the language rides along
+        return functools.partial(say, rules=rules)
 
-    def money(m: re.Match) -> str:
-        text = m["num"] or m["num2"] or m["num3"]
-        amount = parse_number(text, rules)
-        code = CURRENCY_SYMBOLS.get(m["pre"] or m["post"] or "", m["code"])
-        if amount is None:
-            return f"{say_parts(text, rules)} {currency_unit(code, 2, rules)}"
-        return say_money(amount, code, rules)
-
-    def degrees(m: re.Match) -> str:
-        unit = {"C": " Celsius", "F": " Fahrenheit"}.get(m["unit"] or "", "")
-        return f"{number(m)} {rules.degrees}{unit}"
-
-    def date(m: re.Match) -> str:
-        day = int(m["day"])
-        if not 1 <= day <= 31:
-            return m[0]
-        month = m["month"].lower()
-        month = month.capitalize() if rules.code in ("en", "de") else month
-        if rules.code == "en" and m.groupdict().get("month_first"):
-            spoken = f"{month} {say_day(day, rules)}"  # "May 3" -> "May third"
-        else:
-            spoken = rules.date.format(day=say_day(day, rules), month=month)
-        if m["year"]:
-            spoken += f"{',' if ',' in m[0] else ''} {say_year(int(m['year']), rules)}"
-        return spoken
-
-    def clock(m: re.Match) -> str:
-        hour, minute = num2words_lang(rules, int(m["h"])), int(m["m"])
-        if minute == 0:
-            return rules.full_hour.format(hour=hour)
-        spoken = num2words_lang(rules, minute)
-        if rules.code == "en" and minute < 10:
-            spoken = "oh " + spoken  # "10:05" -> "ten oh five"
-        return rules.time.format(hour=hour, minute=spoken)
-
+    number, date = with_rules(say_matched_number), with_rules(say_date)
     steps = [
         (rf"(?P<pre>[{symbols}])\s?(?P<num>{NUMBER})|(?P<num2>{NUMBER})\s?(?P<post>[{symbols}])"
-         rf"|(?P<num3>{NUMBER})\s(?P<code>USD|EUR|GBP)\b", money),
+         rf"|(?P<num3>{NUMBER})\s(?P<code>USD|EUR|GBP)\b", with_rules(say_matched_money)),
         (rf"{signed}\s?%", lambda m: f"{number(m)} {rules.percent}"),
-        (rf"{signed}\s?°\s?(?P<unit>[CF]\b)?", degrees),
+        (rf"{signed}\s?°\s?(?P<unit>[CF]\b)?", with_rules(say_degrees)),
         (rf"\b(?P<day>\d{{1,2}}){ordinal}?\.?\s+(?:de\s+)?(?P<month>{months})\b{year}", date),
         (rf"\b(?P<month_first>(?P<month>{months}))\s+(?P<day>\d{{1,2}}){ordinal}?\b{year}", date),
-        (r"\b(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)\b(?:\s*(?:Uhr|uur|heures?|h)\b)?", clock),
+        (r"\b(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)\b(?:\s*(?:Uhr|uur|heures?|h)\b)?",
+         with_rules(say_clock)),
         (rf"\b(?P<n>\d+){ordinal}\b", lambda m: num2words_lang(rules, int(m["n"]), to="ordinal")),
         (r"(?<![\w.,-])(?P<y>1[1-9]\d\d|20\d\d)(?![\w.,]\d)", lambda m: say_year(int(m[1]), rules)),
         (rf"{signed}(?!\w)", number),
@@ -1357,9 +1372,7 @@ def prefill(model, jobs: list, linear) -> list[tuple[list, int]]:
     room = max(length for _, length in voices) + max(text.shape[0] for text in texts)  # padding
     regions = Regions(lm.transformer.layers, len(jobs), room, texts[0].device, torch.float32)
     for row, (caches, length) in enumerate(voices):
-        for (keys, values), cache in zip(regions.layers, caches, strict=True):
-            keys[row, :length], values[row, :length] = cache[0], cache[1]
-        regions.starts[row] = length
+        regions.put(row, caches, length)
     x = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # [B, T, dim]
     run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
     return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers], length)
@@ -1438,6 +1451,12 @@ class Regions:
     def length(self) -> int:
         return self.layers[0][0].shape[1]
 
+    def put(self, slot: int, caches: list, length: int):
+        """A stream's prefix into a slot: keys and values ([2, P, H, D]) by layer, P = length."""
+        for (keys, values), cache in zip(self.layers, caches, strict=True):
+            keys[slot, :length], values[slot, :length] = cache[0], cache[1]
+        self.starts[slot] = length
+
     def view(self, n: int) -> tuple[list, Any]:
         return [(k[:n], v[:n]) for k, v in self.layers], self.starts[:n]
 
@@ -1487,18 +1506,11 @@ class BatchScheduler:
         # Regions are as long as a sentence can be from the start: growing them while streams
         # run copies them, and every stream stalls for it (measured: 1 s for 16 slots).
         length, frames = row_capacity(model)
-        self.flow = Regions(model.flow_lm.transformer.layers, 1, length, self.device,
-                            torch.float32)  # fmt: skip
-        self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1,
-                            self.mimi_steps * frames, self.device, torch.float32)  # fmt: skip
-        self.linear = packed_linear(
-            pack_linears(
-                [
-                    *model.flow_lm.transformer.layers,
-                    *model.mimi.decoder_transformer.transformer.layers,
-                ]
-            )
-        )
+        flow_layers = model.flow_lm.transformer.layers
+        mimi_layers = model.mimi.decoder_transformer.transformer.layers
+        self.flow = Regions(flow_layers, 1, length, self.device, torch.float32)
+        self.mimi = Regions(mimi_layers, 1, self.mimi_steps * frames, self.device, torch.float32)
+        self.linear = packed_linear(pack_linears([*flow_layers, *mimi_layers]))
         self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
         self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
@@ -1541,16 +1553,17 @@ class BatchScheduler:
         """
         size = 1
         while True:
-            ticks = []
-            for _ in range(2):  # the first run grows the slot arrays: keep the second's times
-                self.ticks = ticks = []
-                rows = [sentence(frames) for _ in range(size)]
-                self.submit_all(rows)
-                for row in rows:
-                    while (audio := row.audio.get()) is not None:
-                        if isinstance(audio, Exception):
-                            raise audio
-            self.ticks = None
+            try:
+                for _ in range(2):  # the first run grows the slot arrays: keep the second's
+                    self.ticks = ticks = []
+                    rows = [sentence(frames) for _ in range(size)]
+                    self.submit_all(rows)
+                    for row in rows:
+                        while (audio := row.audio.get()) is not None:
+                            if isinstance(audio, Exception):
+                                raise audio
+            finally:
+                self.ticks = None  # ticks count as measurements again
             full = sorted(seconds for streams, seconds in ticks if streams == size)
             if full:  # the median: one slow tick (a busy machine) must not decide for good
                 self.calibrated[size] = full[len(full) // 2]
@@ -1684,7 +1697,7 @@ class BatchScheduler:
             row.audio.put(None)
 
     def _join(self):
-        """Waiting sentences join: their prefix is computed and copied into fresh slots."""
+        """Waiting sentences join: their prefixes (computed already) are copied into slots."""
         import torch
 
         while True:
@@ -1699,9 +1712,7 @@ class BatchScheduler:
             row.prefix = []  # the slot holds it from now on
             slot = len(self.rows)
             self._make_room(slot + 1, length + row.max_frames + 2, row.max_frames + 2)
-            for (keys, values), cache in zip(self.flow.layers, caches, strict=True):
-                keys[slot, :length], values[slot, :length] = cache[0], cache[1]
-            self.flow.starts[slot] = length
+            self.flow.put(slot, caches, length)
             self.mimi.starts[slot] = 0
             for name, module in self.mimi_state.items():
                 for key, tensor in module.items():
@@ -1953,11 +1964,12 @@ class Engine:
             self.cache.forget(self.content_key(source))
 
     def warm_up(self, voice_state):
-        """One short generation at start-up (torch's first run on new threads is slow), then
-        the batch's step time measured at growing sizes, for admission."""
-        for _ in self.generate("Hello.", voice_state, threading.Event()):
-            pass
-        if self.scheduler is not None:
+        """Generate at start-up (torch's first run on new threads is slow). Batched, that is the
+        calibration: the step time measured at growing batch sizes, for admission."""
+        if self.scheduler is None:
+            for _ in self.generate("Hello.", voice_state, threading.Event()):
+                pass
+        else:
             stop = threading.Event()
             self.scheduler.calibrate(
                 lambda frames: self._row("Hello.", voice_state, stop, 0, max_frames=frames)
@@ -1971,17 +1983,9 @@ class Engine:
         from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
         from pocket_tts.models.text_chunking import split_into_best_sentences
 
-        m = self.model
-        chunks = split_into_best_sentences(
-            m.flow_lm.conditioner.tokenizer,
-            text,
-            MAX_TOKEN_PER_CHUNK,
-            m.pad_with_spaces_for_short_inputs,
-            remove_semicolons=m.remove_semicolons,
-            append_terminal_punctuation=m.append_terminal_punctuation,
-            capitalize_first_letter=m.capitalize_first_letter,
-            replace_characters=m.replace_characters,
-        )
+        tokenizer = self.model.flow_lm.conditioner.tokenizer
+        chunks = split_into_best_sentences(tokenizer, text, MAX_TOKEN_PER_CHUNK,
+                                           *self._text_options())  # fmt: skip
         return [piece for chunk in chunks for piece in self.fit(chunk, MAX_TOKEN_PER_CHUNK)]
 
     def fit(self, chunk: str, limit: int) -> list[str]:
@@ -3803,6 +3807,20 @@ function element(tag, props = {}, ...children) {
   return node;
 }
 
+/** A small button of a list row; `label` is what a screen reader says (it names the row). */
+function rowButton(text, label, action) {
+  const button = element("button", { type: "button", className: "small", textContent: text });
+  button.setAttribute("aria-label", label);
+  button.addEventListener("click", action);
+  return button;
+}
+
+function joinBytes(chunks) {  // one array, copied once
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  chunks.reduce((at, c) => { out.set(c, at); return at + c.length; }, 0);
+  return out;
+}
+
 // ---- talking to the server: the key, plain-word errors, a banner while it is unreachable ----
 class ApiError extends Error {
   constructor(message, details = {}) { super(message); Object.assign(this, details); }
@@ -4166,7 +4184,7 @@ function wavFile(pcmChunks, rate) {  // a WAV with its real sizes, from 16-bit m
 }
 
 function flacWithLength(chunks, samples) {  // a streamed FLAC's STREAMINFO says 0 samples
-  const bytes = chunks.reduce(concat, new Uint8Array(0));
+  const bytes = joinBytes(chunks);
   if (bytes.length > 26) {  // 36-bit total in STREAMINFO bytes 13..17 (file offsets 21..25)
     bytes[21] = (bytes[21] & 0xf0) | (Math.floor(samples / 2 ** 32) & 0x0f);
     new DataView(bytes.buffer).setUint32(22, samples >>> 0);
@@ -4452,16 +4470,12 @@ function resultItem(take) {
     element("div", { className: "meta", textContent:
       `${take.meta()} · ${take.duration.toFixed(1)} s · ${fileSize(take.file.size)}` }),
     element("div", { className: "meta snippet", textContent: take.text }));
-  const button = (label, name, action) => {
-    const b = element("button", { type: "button", className: "small", textContent: label });
-    b.setAttribute("aria-label", `${name} take ${take.id}, ${take.voice}`);
-    b.addEventListener("click", action);
-    return b;
-  };
+  const name = `take ${take.id}, ${take.voice}`;
+  const button = (text, action) => rowButton(text, `${text} ${name}`, action);
   item.append(about, element("div", { className: "buttons" },
-    button("Play", "Play", () => { player.load(take); player.play(); }),
-    button("Download", "Download", () => saveTake(take).catch((e) => showError("save-error", e))),
-    button("Delete", "Delete", () => deleteTake(take))));
+    button("Play", () => { player.load(take); player.play(); }),
+    button("Download", () => saveTake(take).catch((e) => showError("save-error", e))),
+    button("Delete", () => deleteTake(take))));
   return item;
 }
 
@@ -4544,20 +4558,15 @@ function renderVoices(list, voices, inUse, removable) {
   list.replaceChildren(...voices.map((v) => {
     const item = element("li", {}, element("span", { className: "grow", textContent: v.id }));
     if (v.default) item.append(element("span", { className: "badge", textContent: "default" }));
-    const button = (label, aria, action) => {
-      const b = element("button", { type: "button", className: "small", textContent: label });
-      b.setAttribute("aria-label", aria);
-      b.addEventListener("click", action);
-      return b;
-    };
-    const listen = button("Preview", `Preview voice ${v.id}`, () => preview(v.id, "voices-error"));
+    const button = (text, action) => rowButton(text, `${text} voice ${v.id}`, action);
+    const listen = button("Preview", () => preview(v.id, "voices-error"));
     listen.dataset.preview = v.id;
     listen.disabled = Boolean(ui.job);
     const use = () => { $("voice").value = v.id; $("text").focus(); };
     const buttons = element("div", { className: "buttons" },
-                            listen, button("Use", `Use voice ${v.id}`, use));
+                            listen, button("Use", use));
     if (removable && !v.default && !inUse.has(v.id)) {
-      buttons.append(button("Remove", `Remove voice ${v.id}`, () => removeVoice(v.id)));
+      buttons.append(button("Remove", () => removeVoice(v.id)));
     }
     item.append(buttons);
     return item;
