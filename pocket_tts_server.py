@@ -1152,7 +1152,10 @@ STEP_MEMORY_SECONDS = 60.0  # a step time measured at run time is trusted this l
 # share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
 # sizes 1, 2, 4, ... so the guess is rarely needed.
 MARGINAL_STREAM_COST = 0.5
-PREFILL_BATCH = 4  # prefills computed in one pass at most: the first arrivals wait for no more
+PREFILL_BATCH = 4  # prefills computed in one pass at most
+# A pass waits this long at most for admitted requests that have yet to ask for their prefill:
+# requests that arrive together are computed together, not one pass after another.
+PREFILL_GATHER_SECONDS = 0.05
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1513,10 +1516,9 @@ class BatchScheduler:
         self.linear = packed_linear(pack_linears([*flow_layers, *mimi_layers]))
         self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
-        self.step_seconds: dict[int, float] = {}  # batch size -> recent tick time (EMA)
+        self.measured: dict[int, tuple[float, float]] = {}  # size -> (tick s EMA, when last)
         self.ticks: list | None = None  # (batch size, seconds) of each tick, while calibrating
         self.calibrated: dict[int, float] = {}  # batch size -> median tick time at start-up
-        self.measured_at: dict[int, float] = {}  # batch size -> when it last ran
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mimi")
         self.thread = threading.Thread(target=self._run, name="batch", daemon=True)
         self.thread.start()
@@ -1541,8 +1543,7 @@ class BatchScheduler:
         machine) and so is no longer admitted falls back to its calibrated time, not forever.
         """
         now = time.monotonic()
-        recent = {n: t for n, t in self.step_seconds.items()
-                  if now - self.measured_at.get(n, -math.inf) < STEP_MEMORY_SECONDS}  # fmt: skip
+        recent = {n: t for n, (t, at) in self.measured.items() if now - at < STEP_MEMORY_SECONDS}
         return estimate_step(self.calibrated | recent, streams)
 
     def calibrate(self, sentence, frames: int = 6):
@@ -1747,7 +1748,7 @@ class BatchScheduler:
     def stats(self) -> dict[str, Any]:
         """Batch size, step time and real-time headroom, for /health."""
         streams = len(self.rows)
-        seconds = self.step_seconds.get(streams) if streams else None
+        seconds = self.measured.get(streams, (None,))[0] if streams else None
         return {
             "batch_size": streams,
             "step_ms": round(seconds * 1000, 1) if seconds else None,
@@ -1758,9 +1759,9 @@ class BatchScheduler:
         if self.ticks is not None:  # calibrating
             self.ticks.append((streams, seconds))
             return
-        self.measured_at[streams] = time.monotonic()
-        old = self.step_seconds.get(streams)
-        self.step_seconds[streams] = seconds if old is None else 0.9 * old + 0.1 * seconds
+        old = self.measured.get(streams)
+        ema = seconds if old is None else 0.9 * old[0] + 0.1 * seconds
+        self.measured[streams] = (ema, time.monotonic())
 
 
 class Busy(Exception):
@@ -1817,6 +1818,8 @@ class Engine:
         self._prefilling = threading.Lock()  # one prefill pass at a time
         self._prefills: list[dict] = []  # jobs waiting for a pass, in arrival order
         self.waiting = self.active = 0
+        # Admitted requests are streaming a sentence, waiting for its prefix, or about to ask.
+        self.streaming = self.prefilling = 0
         self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
 
@@ -2070,42 +2073,74 @@ class Engine:
         for part in parts:
             row = self._row(part, voice_state, stop, seed)
             self.scheduler.submit_all([row])
-            while (audio := row.audio.get()) is not None:
-                if isinstance(audio, Exception):
-                    raise audio
-                yield audio
+            self._count_streaming(+1)
+            try:
+                while (audio := row.audio.get()) is not None:
+                    if isinstance(audio, Exception):
+                        raise audio
+                    yield audio
+            finally:
+                self._count_streaming(-1)
             seed += 7919
+
+    def _count_streaming(self, change: int):
+        with self._counts:
+            self.streaming += change
+            self._counts.notify_all()  # one fewer request a gathering pass waits for
 
     def _prefill(self, voice_state, tokens) -> tuple[list, int]:
         """This row's prefix, computed in one pass with the others waiting for theirs.
 
-        One pass at a time: its holder takes the waiting jobs in arrival order (PREFILL_BATCH
-        at most per pass, until its own is done); a thread whose job another pass did returns at
-        once. Batched, the matrix products cost far less per row, so several requests arriving
-        together start speaking sooner than after one prefill each.
+        One pass at a time: its holder first gathers the requests about to ask (`_gather`),
+        then takes the waiting jobs in arrival order (PREFILL_BATCH at most per pass, until its
+        own is done); a thread whose job another pass did returns at once. Batched, the matrix
+        products cost far less per row, so requests arriving together start speaking sooner
+        than after one prefill each.
         """
         import torch
 
         job = {"args": (voice_state, tokens)}
         with self._counts:
             self._prefills.append(job)
-        with self._prefilling:
-            while "result" not in job and "error" not in job:
-                with self._counts:
-                    jobs = self._prefills[:PREFILL_BATCH]
-                    del self._prefills[:PREFILL_BATCH]
-                try:
-                    with torch.no_grad():
-                        results = prefill(self.model, [j["args"] for j in jobs],
-                                          self.scheduler.linear)  # fmt: skip
-                    for done, result in zip(jobs, results, strict=True):
-                        done["result"] = result
-                except Exception as exc:  # noqa: BLE001 - every job of the pass reports it
-                    for done in jobs:
-                        done["error"] = exc
+            self.prefilling += 1
+            self._counts.notify_all()  # a gathering pass takes this job too
+        try:
+            with self._prefilling:
+                while "result" not in job and "error" not in job:
+                    with self._counts:
+                        self._gather()
+                        jobs = self._prefills[:PREFILL_BATCH]
+                        del self._prefills[:PREFILL_BATCH]
+                    try:
+                        with torch.no_grad():
+                            results = prefill(self.model, [j["args"] for j in jobs],
+                                              self.scheduler.linear)  # fmt: skip
+                        for done, result in zip(jobs, results, strict=True):
+                            done["result"] = result
+                    except Exception as exc:  # noqa: BLE001 - every job of the pass reports it
+                        for done in jobs:
+                            done["error"] = exc
+        finally:
+            with self._counts:
+                self.prefilling -= 1
         if "error" in job:
             raise job["error"]
         return job["result"]
+
+    def _gather(self):
+        """Wait (under `_counts`, PREFILL_GATHER_SECONDS at most) while admitted requests that
+        are neither streaming nor prefilling could still join this pass.
+
+        They were admitted a moment ago and are reading their text, or between two sentences
+        (or in a pause of their script, hence the time limit). A lone request never waits.
+        """
+        deadline = time.monotonic() + PREFILL_GATHER_SECONDS
+        while len(self._prefills) < PREFILL_BATCH:
+            arriving = self.active - self.streaming - self.prefilling
+            left = deadline - time.monotonic()
+            if arriving <= 0 or left <= 0:
+                return
+            self._counts.wait(left)
 
     def _text_options(self) -> tuple:
         m = self.model

@@ -2676,19 +2676,33 @@ class TestBatching:
                     folder / f"v{f}.wav", tone(f, 3.0))), f"v{f}")) for f in (150, 220, 310)]  # fmt: skip
 
     @staticmethod
-    def run_all(engine, jobs) -> dict:
-        """Generate (text, voice, seed, delay) jobs at once; return each job's audio."""
+    def run_all(engine, jobs, places=None) -> dict:
+        """Generate (text, voice, seed, delay) jobs at once; return each job's audio.
+
+        `places`: a release function per job, called as soon as that job is done."""
         results = {}
 
         def run(i, text, voice, seed, delay):
             time.sleep(delay)
             chunks = list(engine.generate(text, voice, threading.Event(), seed=seed))
             results[i] = np.concatenate(chunks)
+            if places:
+                places[i]()
 
         threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
         [t.start() for t in threads]
         [t.join() for t in threads]
         return results
+
+    @classmethod
+    def run_admitted(cls, engine, jobs) -> dict:
+        """Like run_all, with every job admitted first (as the routes do) and released when done."""
+        places = [engine.acquire() for _ in jobs]
+        try:
+            return cls.run_all(engine, jobs, places)
+        finally:
+            for release in places:
+                release()
 
     def test_the_real_model_is_batched(self, real):
         assert srv.check_internals(real.model) == []  # an upgrade that breaks the adapter: named
@@ -2708,10 +2722,9 @@ class TestBatching:
         assert estimate({}, 3) is None
         # A size that once ran slowly is trusted for a minute, then its calibration is back.
         monkeypatch.setattr(scheduler, "calibrated", {1: 0.04, 2: 0.05})
-        monkeypatch.setattr(scheduler, "step_seconds", {2: 0.5})
-        monkeypatch.setattr(scheduler, "measured_at", {2: time.monotonic()})
+        monkeypatch.setattr(scheduler, "measured", {2: (0.5, time.monotonic())})
         assert scheduler.step_estimate(2) == 0.5
-        scheduler.measured_at[2] -= srv.STEP_MEMORY_SECONDS + 1
+        scheduler.measured[2] = (0.5, time.monotonic() - srv.STEP_MEMORY_SECONDS - 1)
         assert scheduler.step_estimate(2) == 0.05
 
     def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
@@ -2765,6 +2778,52 @@ class TestBatching:
             alone = self.run_all(engine, [jobs[i]])[0]
             assert alone.size == results[i].size
             assert np.abs(alone - results[i]).max() < 1e-4 * max(1e-3, np.abs(alone).max()) + 1e-6
+
+    def test_requests_admitted_together_are_prefilled_in_one_pass(self, real, voices, monkeypatch):
+        """The first request to ask waits for the others admitted with it (they ask 0.1 s apart),
+        then one pass computes them all; each still gets its own prefix."""
+        engine, passes = real.server.engine, []
+        real_prefill = srv.prefill
+
+        def counted(model, jobs, linear):
+            passes.append(len(jobs))
+            return real_prefill(model, jobs, linear)
+
+        monkeypatch.setattr(srv, "prefill", counted)
+        monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 2.0)  # far longer than the delays
+        monkeypatch.setattr(engine, "realtime_margin", 0)  # all three admitted at once
+        jobs = [("Hello there.", voices[i], i, 0.1 * i) for i in range(3)]
+        results = self.run_admitted(engine, jobs)
+        assert passes[0] == 3 and sum(passes) == 3
+        monkeypatch.setattr(srv, "prefill", real_prefill)
+        alone = self.run_admitted(engine, [jobs[2]])[0]
+        assert alone.size == results[2].size
+        assert np.abs(alone - results[2]).max() < 1e-4 * max(1e-3, np.abs(alone).max()) + 1e-6
+
+    def test_a_pass_waits_for_no_request_that_does_not_ask(self, real, voices, monkeypatch):
+        """A place held by a request that never asks delays a pass by the gather limit at most;
+        with nobody else admitted, a pass starts at once."""
+        engine, started = real.server.engine, []
+        real_prefill = srv.prefill
+
+        def timed(model, jobs, linear):
+            started.append(time.monotonic())
+            return real_prefill(model, jobs, linear)
+
+        monkeypatch.setattr(srv, "prefill", timed)
+        monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 0.5)
+        monkeypatch.setattr(engine, "realtime_margin", 0)
+        t0 = time.monotonic()
+        self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
+        assert started[0] - t0 < 0.25  # alone: no wait
+        idle = engine.acquire()  # admitted, but never asks for a prefill
+        try:
+            t0 = time.monotonic()
+            self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
+        finally:
+            idle()
+        assert 0.5 <= started[1] - t0 < 0.5 + 2.0
+        assert engine.active == engine.streaming == engine.prefilling == 0
 
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
@@ -2828,7 +2887,7 @@ class TestBatching:
 
     def test_admission_follows_the_measured_step_time(self, real, monkeypatch):
         engine, scheduler = real.server.engine, real.server.engine.scheduler
-        monkeypatch.setattr(scheduler, "step_seconds", {})
+        monkeypatch.setattr(scheduler, "measured", {})
         monkeypatch.setattr(engine, "active", 4)
         monkeypatch.setattr(scheduler, "calibrated", {4: 0.02})  # 4 in 20 ms: a fifth fits easily
         assert engine.admits()
@@ -2836,7 +2895,7 @@ class TestBatching:
         assert not engine.admits()
         scheduler.calibrated = {4: 0.06, 5: 0.061}  # measured: batching is nearly free
         assert engine.admits()
-        scheduler.step_seconds, scheduler.measured_at = {5: 0.09}, {5: time.monotonic()}
+        scheduler.measured = {5: (0.09, time.monotonic())}
         assert not engine.admits()  # measured now, slower: it counts
         monkeypatch.setattr(engine, "realtime_margin", 0)  # throughput first, however slow
         scheduler.calibrated = {4: 0.5}
