@@ -1421,12 +1421,12 @@ def estimate_step(measured: dict[int, float], streams: int) -> float | None:
 class Sentence:
     """One chunk of text to speak: a row of the batch from its prefill to its last frame."""
 
-    prefix: list  # FlowLM keys and values of the voice prompt and text, by layer (prefill)
-    length: int  # the prefix's length
     max_frames: int
     frames_after_eos: int
     generator: Any  # torch.Generator: this stream's own sampling noise
     stop: threading.Event
+    prefix: list = field(default_factory=list)  # FlowLM keys and values by layer (prefill)
+    length: int = 0  # the prefix's length
     audio: queue.Queue = field(default_factory=queue.Queue)  # float32 arrays; None when done
     step: int = 0
     eos_step: int | None = None
@@ -1973,11 +1973,18 @@ class Engine:
             for _ in self.generate("Hello.", voice_state, threading.Event()):
                 pass
         else:
-            stop = threading.Event()
-            self.scheduler.calibrate(
-                lambda frames: self._row("Hello.", voice_state, stop, 0, max_frames=frames)
-            )
+            self.scheduler.calibrate(functools.partial(self._calibration_row, voice_state))
         self._recent.clear()
+
+    def _calibration_row(self, voice_state, frames: int) -> Sentence:
+        """A short row, its prefix computed here (calibration submits its rows together)."""
+        import torch
+
+        row, tokens = self._row("Hello.", threading.Event(), 0, max_frames=frames)
+        with torch.no_grad():
+            [(row.prefix, row.length)] = prefill(self.model, [(voice_state, tokens)],
+                                                 self.scheduler.linear)  # fmt: skip
+        return row
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -2071,61 +2078,67 @@ class Engine:
         parts = split_into_best_sentences(tokenizer, sentence, MAX_TOKEN_PER_CHUNK,
                                           *self._text_options())  # fmt: skip
         for part in parts:
-            row = self._row(part, voice_state, stop, seed)
-            self.scheduler.submit_all([row])
-            self._count_streaming(+1)
+            row, tokens = self._row(part, stop, seed)
+            self._prefill(row, voice_state, tokens)  # the row is in the batch, or soon will be
             try:
                 while (audio := row.audio.get()) is not None:
                     if isinstance(audio, Exception):
                         raise audio
                     yield audio
             finally:
-                self._count_streaming(-1)
+                with self._counts:
+                    self.streaming -= 1
             seed += 7919
 
-    def _count_streaming(self, change: int):
-        with self._counts:
-            self.streaming += change
-            self._counts.notify_all()  # one fewer request a gathering pass waits for
-
-    def _prefill(self, voice_state, tokens) -> tuple[list, int]:
-        """This row's prefix, computed in one pass with the others waiting for theirs.
+    def _prefill(self, row: Sentence, voice_state, tokens):
+        """Have `row`'s prefix computed; the pass that computes it puts the row in the batch.
 
         One pass at a time: its holder first gathers the requests about to ask (`_gather`),
         then takes the waiting jobs in arrival order (PREFILL_BATCH at most per pass, until its
-        own is done); a thread whose job another pass did returns at once. Batched, the matrix
+        own is taken); a thread whose job another pass took returns at once. Batched, the matrix
         products cost far less per row, so requests arriving together start speaking sooner
-        than after one prefill each.
+        than after one prefill each, and their rows join the batch at the same tick.
         """
-        import torch
-
-        job = {"args": (voice_state, tokens)}
+        job = {"row": row, "args": (voice_state, tokens), "taken": False}
         with self._counts:
             self._prefills.append(job)
             self.prefilling += 1
             self._counts.notify_all()  # a gathering pass takes this job too
-        try:
+        while not job["taken"]:
             with self._prefilling:
-                while "result" not in job and "error" not in job:
-                    with self._counts:
-                        self._gather()
-                        jobs = self._prefills[:PREFILL_BATCH]
-                        del self._prefills[:PREFILL_BATCH]
-                    try:
-                        with torch.no_grad():
-                            results = prefill(self.model, [j["args"] for j in jobs],
-                                              self.scheduler.linear)  # fmt: skip
-                        for done, result in zip(jobs, results, strict=True):
-                            done["result"] = result
-                    except Exception as exc:  # noqa: BLE001 - every job of the pass reports it
-                        for done in jobs:
-                            done["error"] = exc
-        finally:
-            with self._counts:
-                self.prefilling -= 1
-        if "error" in job:
-            raise job["error"]
-        return job["result"]
+                with self._counts:
+                    if job["taken"]:
+                        return
+                    self._gather()
+                    jobs = self._prefills[:PREFILL_BATCH]
+                    del self._prefills[:PREFILL_BATCH]
+                    for taken in jobs:
+                        taken["taken"] = True
+                self._prefill_pass(jobs)
+
+    def _prefill_pass(self, jobs: list[dict]):
+        """Compute the jobs' prefixes in one pass; their rows join the batch together (or each
+        receives the pass's error)."""
+        import torch
+
+        rows = [job["row"] for job in jobs]
+        try:
+            with torch.no_grad():
+                results = prefill(self.model, [job["args"] for job in jobs],
+                                  self.scheduler.linear)  # fmt: skip
+            error = None
+        except Exception as exc:  # noqa: BLE001 - every row of the pass reports it
+            error = exc
+        with self._counts:  # one step, so that a gathering pass never counts them as arriving
+            self.prefilling -= len(rows)
+            self.streaming += len(rows)
+        if error is not None:
+            for row in rows:
+                row.audio.put(error)
+            return
+        for row, (prefix, length) in zip(rows, results, strict=True):
+            row.prefix, row.length = prefix, length
+        self.scheduler.submit_all(rows)
 
     def _gather(self):
         """Wait (under `_counts`, PREFILL_GATHER_SECONDS at most) while admitted requests that
@@ -2148,11 +2161,8 @@ class Engine:
                 m.append_terminal_punctuation, m.capitalize_first_letter,
                 m.replace_characters)  # fmt: skip
 
-    def _row(self, part: str, voice_state, stop, seed: int, max_frames: int | None = None):
-        """A batch row for one chunk of text, its prefix computed (a voice prompt, then the text).
-
-        Prefills of requests that arrive together are computed together (`_prefill`).
-        """
+    def _row(self, part: str, stop, seed: int, max_frames: int | None = None):
+        """A batch row for one chunk of text, and its tokens (its prefix is computed later)."""
         import torch
         from pocket_tts.models.text_chunking import prepare_text_prompt
 
@@ -2160,15 +2170,13 @@ class Engine:
         text, frames_after_guess = prepare_text_prompt(part, *self._text_options())
         tokens = m.flow_lm.conditioner.prepare(text)
         frames_after = m.model_recommended_frames_after_eos
-        prefix, length = self._prefill(voice_state, tokens)
-        return Sentence(
-            prefix=prefix,
-            length=length,
+        row = Sentence(
             max_frames=max_frames or m._estimate_max_gen_len(tokens.shape[1]),
             frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
             generator=torch.Generator().manual_seed(seed % 2**63),
             stop=stop,
         )
+        return row, tokens
 
     def _faded(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks.

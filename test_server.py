@@ -2781,7 +2781,8 @@ class TestBatching:
 
     def test_requests_admitted_together_are_prefilled_in_one_pass(self, real, voices, monkeypatch):
         """The first request to ask waits for the others admitted with it (they ask 0.1 s apart),
-        then one pass computes them all; each still gets its own prefix."""
+        then one pass computes them all and they join the batch together; each still gets its
+        own prefix."""
         engine, passes = real.server.engine, []
         real_prefill = srv.prefill
 
@@ -2789,12 +2790,19 @@ class TestBatching:
             passes.append(len(jobs))
             return real_prefill(model, jobs, linear)
 
+        joined, submit_all = [], engine.scheduler.submit_all
+
+        def submitted(rows):
+            joined.append(len(rows))
+            submit_all(rows)
+
         monkeypatch.setattr(srv, "prefill", counted)
+        monkeypatch.setattr(engine.scheduler, "submit_all", submitted)
         monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 2.0)  # far longer than the delays
         monkeypatch.setattr(engine, "realtime_margin", 0)  # all three admitted at once
         jobs = [("Hello there.", voices[i], i, 0.1 * i) for i in range(3)]
         results = self.run_admitted(engine, jobs)
-        assert passes[0] == 3 and sum(passes) == 3
+        assert passes == [3] and joined == [3]  # one pass, and its rows join at one tick
         monkeypatch.setattr(srv, "prefill", real_prefill)
         alone = self.run_admitted(engine, [jobs[2]])[0]
         assert alone.size == results[2].size
