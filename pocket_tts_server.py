@@ -1156,6 +1156,7 @@ PREFILL_BATCH = 4  # prefills computed in one pass at most
 # A pass waits this long at most for admitted requests that have yet to ask for their prefill:
 # requests that arrive together are computed together, not one pass after another.
 PREFILL_GATHER_SECONDS = 0.05
+MAX_PREFILL_THREADS = 8  # a prefill (a few hundred tokens at most) gains little beyond this
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1304,17 +1305,22 @@ def packed_linear(packed: dict):
 
 def flow_step(model, latents, regions, starts, generators, linear):
     """One FlowLM step for every stream: next latents [B, 1, ldim] and EOS flags [B]."""
+    lm = model.flow_lm
+    hidden = run_layers(lm.transformer, lm.input_linear(latents), regions, starts, linear)
+    return flow_head(model, hidden[:, -1], generators)
+
+
+def flow_head(model, hidden, generators):
+    """FlowLM's last hidden state of each stream [B, dim] to its latent [B, 1, ldim] and EOS [B]."""
     import torch
     from pocket_tts.models import flow_lm as flow_module
 
     lm = model.flow_lm
-    sequence = torch.where(torch.isnan(latents), lm.bos_emb, latents)
-    hidden = run_layers(lm.transformer, lm.input_linear(sequence), regions, starts, linear)
     if lm.out_norm:
         hidden = lm.out_norm(hidden)
     if lm.z_proj is not None:
         hidden = lm.z_proj(hidden)
-    hidden = hidden.to(torch.float32)[:, -1]
+    hidden = hidden.to(torch.float32)
     eos = (lm.out_eos(hidden) > model.eos_threshold).view(-1)
     std = model.temp**0.5
     noise = torch.stack([stream_noise(lm.ldim, std, model.noise_clamp, g) for g in generators])
@@ -1358,27 +1364,35 @@ def voice_prefix(model, voice_state) -> tuple[list, int]:
     ], length
 
 
-def prefill(model, jobs: list, linear) -> list[tuple[list, int]]:
-    """Streams' prefixes in one batched pass: each voice's cached prompt, then its text.
+def prefill(model, jobs: list, linear) -> list[tuple[list, int, Any, bool]]:
+    """Streams' prefixes and first steps in one batched pass: each voice's cached prompt, then
+    its text, then the begin-of-stream latent (what pocket-tts's first generation step feeds).
 
-    jobs: [(voice_state, tokens [1, T])]. Returns, per job, each FlowLM layer's keys and values
-    ([2, P, H, D]) and the prefix length P. Texts are padded at the end to the longest: a padded
+    jobs: [(voice_state, tokens [1, T], generator)]. Returns, per job, each FlowLM layer's keys
+    and values ([2, P, H, D]), the prefix length P (the first step included), the first latent
+    [1, 1, ldim] and its EOS flag. Inputs are padded at the end to the longest: a padded
     position comes after every real one, so (attention being causal) no real one sees it, and
     it is not returned. It runs on a request's thread, beside the batch.
     """
     import torch
 
     lm = model.flow_lm
-    voices = [voice_prefix(model, state) for state, _ in jobs]
-    texts = [lm.conditioner(tokens)[0] for _, tokens in jobs]  # [T, dim] each
-    lengths = [length + text.shape[0] for (_, length), text in zip(voices, texts, strict=True)]
-    room = max(length for _, length in voices) + max(text.shape[0] for text in texts)  # padding
-    regions = Regions(lm.transformer.layers, len(jobs), room, texts[0].device, torch.float32)
+    voices = [voice_prefix(model, state) for state, _, _ in jobs]
+    begin = lm.input_linear(lm.bos_emb[None])  # [1, dim]: the first step's input
+    texts = [lm.conditioner(tokens)[0] for _, tokens, _ in jobs]  # [T, dim] each
+    inputs = [torch.cat([text, begin.to(text.dtype)]) for text in texts]
+    lengths = [length + x.shape[0] for (_, length), x in zip(voices, inputs, strict=True)]
+    room = max(length for _, length in voices) + max(x.shape[0] for x in inputs)  # padding
+    regions = Regions(lm.transformer.layers, len(jobs), room, begin.device, torch.float32)
     for row, (caches, length) in enumerate(voices):
         regions.put(row, caches, length)
-    x = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # [B, T, dim]
-    run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
-    return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers], length)
+    x = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)  # [B, T, dim]
+    hidden = run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
+    last = torch.stack([hidden[row, x.shape[0] - 1] for row, x in enumerate(inputs)])
+    latents, eos = flow_head(model, last, [generator for _, _, generator in jobs])
+    eos = eos.tolist()
+    return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers],
+             length, latents[row : row + 1], eos[row])
             for row, length in enumerate(lengths)]  # fmt: skip
 
 
@@ -1430,8 +1444,20 @@ class Sentence:
     audio: queue.Queue = field(default_factory=queue.Queue)  # float32 arrays; None when done
     step: int = 0
     eos_step: int | None = None
-    latent: Any = None  # the input of its next FlowLM step (NaN: begin of stream)
+    latent: Any = None  # its newest latent [1, 1, ldim]: audio to decode, the next step's input
     finished: bool = False
+
+    def advance(self, latent, eos: bool, min_frames_before_eos: int) -> bool:
+        """pocket-tts's stopping rule for this row's next latent: whether it is audio to decode."""
+        step, self.step = self.step, self.step + 1
+        if eos and self.eos_step is None and step >= min_frames_before_eos:
+            self.eos_step = step
+        if self.eos_step is not None and step >= self.eos_step + self.frames_after_eos:
+            self.finished = True
+            return False
+        self.latent = latent
+        self.finished = self.step >= self.max_frames
+        return True
 
 
 class Regions:
@@ -1500,6 +1526,7 @@ class BatchScheduler:
 
         self.model, self.max_batch = model, max_batch
         self.device = next(model.flow_lm.parameters()).device
+        self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
         self.frame_seconds = 1.0 / model.config.mimi.frame_rate
         self.mimi_steps = int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
         self.rows: list[Sentence] = []
@@ -1615,28 +1642,21 @@ class BatchScheduler:
         if n:
             self._record(n, time.monotonic() - started)
         self._leave(emitted)
-        emitting = len(self.rows)
         self._join()  # before Mimi starts: joining may reallocate the slot arrays
-        return self._decode(emitting) if emitting else None
+        # Every row now has a latent to decode: this step's, or (joined) its prefill's first.
+        return self._decode(len(self.rows)) if self.rows else None
 
     def _advance(self, latents, eos: list[bool]) -> list[Sentence]:
-        """pocket-tts's stopping rule, per row; the rows whose latent is audio to decode."""
-        model, emitted = self.model, []
+        """The step's latents to their rows; the rows whose latent is audio to decode."""
+        emitted = []
         for i, row in enumerate(self.rows):
             if row.finished:
                 continue
             if row.stop.is_set():
                 row.finished = True
                 continue
-            step, row.step = row.step, row.step + 1
-            if eos[i] and row.eos_step is None and step >= model._MIN_FRAMES_BEFORE_EOS:
-                row.eos_step = step
-            if row.eos_step is not None and step >= row.eos_step + row.frames_after_eos:
-                row.finished = True
-                continue
-            row.latent = latents[i : i + 1]
-            emitted.append(row)
-            row.finished = row.step >= row.max_frames
+            if row.advance(latents[i : i + 1], eos[i], self.model._MIN_FRAMES_BEFORE_EOS):
+                emitted.append(row)
         return emitted
 
     def _decode(self, n: int):
@@ -1699,8 +1719,6 @@ class BatchScheduler:
 
     def _join(self):
         """Waiting sentences join: their prefixes (computed already) are copied into slots."""
-        import torch
-
         while True:
             with self.lock:
                 if not self.joining:
@@ -1718,8 +1736,6 @@ class BatchScheduler:
             for name, module in self.mimi_state.items():
                 for key, tensor in module.items():
                     tensor[slot] = self.mimi_blank[name][key][0]
-            row.latent = torch.full((1, 1, self.model.flow_lm.ldim), float("nan"),
-                                    device=self.device)  # fmt: skip
             self.rows.append(row)
 
     def _make_room(self, slots: int, length: int, frames: int):
@@ -1805,6 +1821,7 @@ class Engine:
             logger.warning("pocket-tts internals changed (%s): generating one stream at a time "
                            "per request, without batching", ", ".join(missing))  # fmt: skip
         self.scheduler = None if missing else BatchScheduler(model, max_batch)
+        self.torch_threads = self.scheduler.torch_threads if self.scheduler else 1
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
@@ -1982,8 +1999,9 @@ class Engine:
 
         row, tokens = self._row("Hello.", threading.Event(), 0, max_frames=frames)
         with torch.no_grad():
-            [(row.prefix, row.length)] = prefill(self.model, [(voice_state, tokens)],
-                                                 self.scheduler.linear)  # fmt: skip
+            [result] = prefill(self.model, [(voice_state, tokens, row.generator)],
+                               self.scheduler.linear)  # fmt: skip
+        self._prefilled(row, result)
         return row
 
     # -- text -------------------------------------------------------------------------------------
@@ -2122,13 +2140,19 @@ class Engine:
         import torch
 
         rows = [job["row"] for job in jobs]
+        # A prefill is compute-bound: it takes the cores the batch leaves (all of them when no
+        # one is speaking). torch's thread count is this thread's own (and the default of
+        # threads yet to start), so it is set back at once.
+        torch.set_num_threads(self._prefill_threads())
         try:
             with torch.no_grad():
-                results = prefill(self.model, [job["args"] for job in jobs],
-                                  self.scheduler.linear)  # fmt: skip
+                results = prefill(self.model, [(*job["args"], job["row"].generator)
+                                               for job in jobs], self.scheduler.linear)  # fmt: skip
             error = None
         except Exception as exc:  # noqa: BLE001 - every row of the pass reports it
             error = exc
+        finally:
+            torch.set_num_threads(self.torch_threads)
         with self._counts:  # one step, so that a gathering pass never counts them as arriving
             self.prefilling -= len(rows)
             self.streaming += len(rows)
@@ -2136,9 +2160,22 @@ class Engine:
             for row in rows:
                 row.audio.put(error)
             return
-        for row, (prefix, length) in zip(rows, results, strict=True):
-            row.prefix, row.length = prefix, length
-        self.scheduler.submit_all(rows)
+        self.scheduler.submit_all([row for row, result in zip(rows, results, strict=True)
+                                   if self._prefilled(row, result)])  # fmt: skip
+
+    def _prefill_threads(self) -> int:
+        """Cores for a prefill pass: all, less the batch's two threads (FlowLM, Mimi) if busy."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        busy = 2 if self.streaming else 0
+        return max(1, min(MAX_PREFILL_THREADS, (cores or 1) - busy))
+
+    def _prefilled(self, row: Sentence, result) -> bool:
+        """Give `row` its prefill's result; whether it has audio to speak (it joins the batch)."""
+        row.prefix, row.length, latent, eos = result
+        if row.advance(latent, eos, self.model._MIN_FRAMES_BEFORE_EOS):
+            return True
+        row.audio.put(None)  # over at its first step
+        return False
 
     def _gather(self):
         """Wait (under `_counts`, PREFILL_GATHER_SECONDS at most) while admitted requests that

@@ -2741,22 +2741,38 @@ class TestBatching:
         monkeypatch.setattr(srv, "free_memory", lambda device: None)
         assert srv.default_max_batch(real.model) == 16
 
-    def test_batched_prefill_is_pocket_tts_prefill(self, real, voices):
-        """Prefixes computed together (other voices, text lengths padded) equal pocket-tts's own."""
-        model, engine = real.model, real.server.engine
-        tokens = [model.flow_lm.conditioner.prepare(text) for text in ("Hi.", *CORPUS[:2])]
-        jobs = list(zip(voices, tokens, strict=True))
+    def test_batched_prefill_is_pocket_tts_prefill_then_a_first_step(self, real, voices):
+        """Prefixes computed together (other voices, text lengths padded) equal pocket-tts's own
+        prefill, and the pass's first step equals a batch step fed the begin-of-stream latent."""
+        model, linear = real.model, real.server.engine.scheduler.linear
+        lm = model.flow_lm
+        tokens = [lm.conditioner.prepare(text) for text in ("Hi.", *CORPUS[:2])]
+        seed = lambda i: torch.Generator().manual_seed(100 + i)  # noqa: E731
+        jobs = [(voices[i], tokens[i], seed(i)) for i in range(3)]
         with torch.no_grad():
-            together = srv.prefill(model, jobs, engine.scheduler.linear)
-        for (caches, length), (voice, text) in zip(together, jobs, strict=True):
+            together = srv.prefill(model, jobs, linear)
+        for i, (caches, length, latent, _) in enumerate(together):
+            voice, text, _ = jobs[i]
             state = copy.deepcopy(voice)  # what pocket-tts does before generating
             model._expand_kv_cache(state, sequence_length=length)
             with torch.no_grad():
                 model._run_flow_lm_and_increment_step(model_state=state, text_tokens=text)
-            for layer, cache in zip(model.flow_lm.transformer.layers, caches, strict=True):
-                want = layer.self_attn.get_state(state)["cache"][:, 0, :length]
-                assert cache.shape == want.shape
-                assert torch.allclose(cache, want, rtol=1e-4, atol=1e-5)
+            prompt = length - 1  # the last position is the first step's
+            wanted = [layer.self_attn.get_state(state)["cache"][:, 0, :prompt]
+                      for layer in lm.transformer.layers]  # fmt: skip
+            for cache, want in zip(caches, wanted, strict=True):
+                assert cache.shape[1] == want.shape[1] + 1
+                assert torch.allclose(cache[:, :prompt], want, rtol=1e-4, atol=1e-5)
+            regions = srv.Regions(lm.transformer.layers, 1, length, "cpu", torch.float32)
+            regions.put(0, wanted, prompt)
+            with torch.no_grad():
+                step, _ = srv.flow_step(model, lm.bos_emb.view(1, 1, -1), regions.layers,
+                                        regions.starts, [seed(i)], linear)  # fmt: skip
+            assert latent.shape == step.shape == (1, 1, lm.ldim)
+            assert torch.allclose(latent, step, rtol=1e-4, atol=1e-5)
+            for cache, (keys, values) in zip(caches, regions.layers, strict=True):
+                assert torch.allclose(cache[0, prompt], keys[0, prompt], rtol=1e-4, atol=1e-5)
+                assert torch.allclose(cache[1, prompt], values[0, prompt], rtol=1e-4, atol=1e-5)
 
     def test_requests_arriving_together_share_a_prefill_pass(self, real, voices, monkeypatch):
         engine, passes = real.server.engine, []
@@ -2832,6 +2848,31 @@ class TestBatching:
             idle()
         assert 0.5 <= started[1] - t0 < 0.5 + 2.0
         assert engine.active == engine.streaming == engine.prefilling == 0
+
+    def test_a_prefill_pass_takes_the_idle_cores_and_gives_them_back(self, real, voices,
+                                                                      monkeypatch):  # fmt: skip
+        """Nobody speaking: a pass uses every core; then torch's count is back to one."""
+        engine, seen = real.server.engine, []
+        real_prefill = srv.prefill
+
+        def observed(model, jobs, linear):
+            seen.append(torch.get_num_threads())
+            return real_prefill(model, jobs, linear)
+
+        monkeypatch.setattr(srv, "prefill", observed)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
+        assert seen == [6] and engine.torch_threads == 1
+        after = []
+        thread = threading.Thread(target=lambda: after.append(torch.get_num_threads()))
+        thread.start(), thread.join()
+        assert after == [1]  # a thread started later runs on one core, as pocket-tts wants
+        monkeypatch.setattr(engine, "streaming", 3)  # the batch's two threads are busy
+        assert engine._prefill_threads() == 4
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        assert engine._prefill_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+        assert engine._prefill_threads() == srv.MAX_PREFILL_THREADS
 
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
