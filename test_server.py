@@ -2694,6 +2694,18 @@ class TestBatching:
         [t.join() for t in threads]
         return results
 
+    @staticmethod
+    def watch_prefill(monkeypatch, record):
+        """Have `record(jobs)` called before every prefill pass; return the real prefill."""
+        real_prefill = srv.prefill
+
+        def watched(model, jobs, linear):
+            record(jobs)
+            return real_prefill(model, jobs, linear)
+
+        monkeypatch.setattr(srv, "prefill", watched)
+        return real_prefill
+
     @classmethod
     def run_admitted(cls, engine, jobs) -> dict:
         """Like run_all, with every job admitted first (as the routes do) and released when done."""
@@ -2776,14 +2788,12 @@ class TestBatching:
 
     def test_requests_arriving_together_share_a_prefill_pass(self, real, voices, monkeypatch):
         engine, passes = real.server.engine, []
-        real_prefill = srv.prefill
 
-        def counted(model, jobs, linear):
+        def counted(jobs):
             passes.append(len(jobs))
             time.sleep(0.3)  # a slow pass: the others queue behind it
-            return real_prefill(model, jobs, linear)
 
-        monkeypatch.setattr(srv, "prefill", counted)
+        real_prefill = self.watch_prefill(monkeypatch, counted)
         monkeypatch.setattr(srv, "PREFILL_BATCH", 2)  # more waiting than one pass takes
         jobs = [(CORPUS[i % 3], voices[i % 3], i, 0.02 * i) for i in range(5)]
         results = self.run_all(engine, jobs)
@@ -2799,20 +2809,14 @@ class TestBatching:
         """The first request to ask waits for the others admitted with it (they ask 0.1 s apart),
         then one pass computes them all and they join the batch together; each still gets its
         own prefix."""
-        engine, passes = real.server.engine, []
-        real_prefill = srv.prefill
-
-        def counted(model, jobs, linear):
-            passes.append(len(jobs))
-            return real_prefill(model, jobs, linear)
-
-        joined, submit_all = [], engine.scheduler.submit_all
+        engine, passes, joined = real.server.engine, [], []
+        real_prefill = self.watch_prefill(monkeypatch, lambda jobs: passes.append(len(jobs)))
+        submit_all = engine.scheduler.submit_all
 
         def submitted(rows):
             joined.append(len(rows))
             submit_all(rows)
 
-        monkeypatch.setattr(srv, "prefill", counted)
         monkeypatch.setattr(engine.scheduler, "submit_all", submitted)
         monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 2.0)  # far longer than the delays
         monkeypatch.setattr(engine, "realtime_margin", 0)  # all three admitted at once
@@ -2828,13 +2832,7 @@ class TestBatching:
         """A place held by a request that never asks delays a pass by the gather limit at most;
         with nobody else admitted, a pass starts at once."""
         engine, started = real.server.engine, []
-        real_prefill = srv.prefill
-
-        def timed(model, jobs, linear):
-            started.append(time.monotonic())
-            return real_prefill(model, jobs, linear)
-
-        monkeypatch.setattr(srv, "prefill", timed)
+        self.watch_prefill(monkeypatch, lambda jobs: started.append(time.monotonic()))
         monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 0.5)
         monkeypatch.setattr(engine, "realtime_margin", 0)
         t0 = time.monotonic()
@@ -2853,13 +2851,7 @@ class TestBatching:
                                                                       monkeypatch):  # fmt: skip
         """Nobody speaking: a pass uses every core; then torch's count is back to one."""
         engine, seen = real.server.engine, []
-        real_prefill = srv.prefill
-
-        def observed(model, jobs, linear):
-            seen.append(torch.get_num_threads())
-            return real_prefill(model, jobs, linear)
-
-        monkeypatch.setattr(srv, "prefill", observed)
+        self.watch_prefill(monkeypatch, lambda jobs: seen.append(torch.get_num_threads()))
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
         self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
         assert seen == [6] and engine.torch_threads == 1
