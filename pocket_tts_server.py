@@ -1724,7 +1724,7 @@ class BatchScheduler:
                 if not self.joining:
                     return
                 row = self.joining.popleft()
-            if row.stop.is_set():
+            if row.stop.is_set() or row.latent is None:  # stopped, or over at its first step
                 row.audio.put(None)
                 continue
             caches, length = row.prefix, row.length
@@ -1821,7 +1821,6 @@ class Engine:
             logger.warning("pocket-tts internals changed (%s): generating one stream at a time "
                            "per request, without batching", ", ".join(missing))  # fmt: skip
         self.scheduler = None if missing else BatchScheduler(model, max_batch)
-        self.torch_threads = self.scheduler.torch_threads if self.scheduler else 1
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
@@ -2109,7 +2108,7 @@ class Engine:
             seed += 7919
 
     def _prefill(self, row: Sentence, voice_state, tokens):
-        """Have `row`'s prefix computed; the pass that computes it puts the row in the batch.
+        """Have `row` prefilled (its prefix and first step); that pass puts it in the batch.
 
         One pass at a time: its holder first gathers the requests about to ask (`_gather`),
         then takes the waiting jobs in arrival order (PREFILL_BATCH at most per pass, until its
@@ -2152,7 +2151,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - every row of the pass reports it
             error = exc
         finally:
-            torch.set_num_threads(self.torch_threads)
+            torch.set_num_threads(self.scheduler.torch_threads)
         with self._counts:  # one step, so that a gathering pass never counts them as arriving
             self.prefilling -= len(rows)
             self.streaming += len(rows)
@@ -2160,8 +2159,9 @@ class Engine:
             for row in rows:
                 row.audio.put(error)
             return
-        self.scheduler.submit_all([row for row, result in zip(rows, results, strict=True)
-                                   if self._prefilled(row, result)])  # fmt: skip
+        for row, result in zip(rows, results, strict=True):
+            self._prefilled(row, result)
+        self.scheduler.submit_all(rows)
 
     def _prefill_threads(self) -> int:
         """Cores for a prefill pass: all, less the batch's two threads (FlowLM, Mimi) if busy."""
@@ -2169,13 +2169,10 @@ class Engine:
         busy = 2 if self.streaming else 0
         return max(1, min(MAX_PREFILL_THREADS, (cores or 1) - busy))
 
-    def _prefilled(self, row: Sentence, result) -> bool:
-        """Give `row` its prefill's result; whether it has audio to speak (it joins the batch)."""
+    def _prefilled(self, row: Sentence, result):
+        """Give `row` its prefill's result: its prefix, and its first step's latent."""
         row.prefix, row.length, latent, eos = result
-        if row.advance(latent, eos, self.model._MIN_FRAMES_BEFORE_EOS):
-            return True
-        row.audio.put(None)  # over at its first step
-        return False
+        row.advance(latent, eos, self.model._MIN_FRAMES_BEFORE_EOS)
 
     def _gather(self):
         """Wait (under `_counts`, PREFILL_GATHER_SECONDS at most) while admitted requests that

@@ -2854,7 +2854,7 @@ class TestBatching:
         self.watch_prefill(monkeypatch, lambda jobs: seen.append(torch.get_num_threads()))
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
         self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
-        assert seen == [6] and engine.torch_threads == 1
+        assert seen == [6] and engine.scheduler.torch_threads == 1
         after = []
         thread = threading.Thread(target=lambda: after.append(torch.get_num_threads()))
         thread.start(), thread.join()
