@@ -281,7 +281,15 @@ class LiveServer:
         self.thread.start()
 
     def close(self):
-        self.server.close()
+        """Close every socket from the loop's own thread (closing them under its select() is a
+        race: EBADF there), after which the loop has nothing left and returns."""
+
+        def close_all():
+            for dispatcher in list(self.server._map.values()):
+                dispatcher.close()
+
+        self.server.trigger.pull_trigger(close_all)
+        self.thread.join(timeout=10)
 
 
 @pytest.fixture
