@@ -2164,10 +2164,9 @@ class Engine:
         self.scheduler.submit_all(rows)
 
     def _prefill_threads(self) -> int:
-        """Cores for a prefill pass: all, less the batch's two threads (FlowLM, Mimi) if busy."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        """Cores for a prefill pass: all it may use, less the batch's two threads if busy."""
         busy = 2 if self.streaming else 0
-        return max(1, min(MAX_PREFILL_THREADS, (cores or 1) - busy))
+        return max(1, min(MAX_PREFILL_THREADS, usable_cores() - busy))
 
     def _prefilled(self, row: Sentence, result):
         """Give `row` its prefill's result: its prefix, and its first step's latent."""
@@ -3403,7 +3402,7 @@ def default_max_batch(model) -> int:
     the device's free memory to everything else (a small GPU gets fewer slots, not an OOM).
     """
     if check_internals(model):
-        return max(1, (os.cpu_count() or 2) // 2)
+        return max(1, usable_cores() // 2)
     device = str(getattr(model, "device", "cpu"))
     wanted = 128 if device.startswith("cuda") else 16
     free = free_memory(device)
@@ -3421,6 +3420,20 @@ def slot_bytes(model) -> int:
 
     flow, mimi = model.flow_lm.transformer.layers, model.mimi.decoder_transformer.transformer.layers
     return per_position(flow) * length + per_position(mimi) * steps * frames
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2 or
+    v1), since threads beyond the quota only wait for it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (cgroup / quota_file).read_text().split()
+            period = fields[1] if period_file is None else (cgroup / period_file).read_text()
+            if fields[0] not in ("max", "-1"):
+                return max(1, min(cores or 1, int(fields[0]) // int(period)))
+    return cores or 1
 
 
 def free_memory(device: str) -> int | None:

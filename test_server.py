@@ -2860,7 +2860,7 @@ class TestBatching:
         """Nobody speaking: a pass uses every core; then torch's count is back to one."""
         engine, seen = real.server.engine, []
         self.watch_prefill(monkeypatch, lambda jobs: seen.append(torch.get_num_threads()))
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        monkeypatch.setattr(srv, "usable_cores", lambda: 6)
         self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
         assert seen == [6] and engine.scheduler.torch_threads == 1
         after = []
@@ -2869,10 +2869,27 @@ class TestBatching:
         assert after == [1]  # a thread started later runs on one core, as pocket-tts wants
         monkeypatch.setattr(engine, "streaming", 3)  # the batch's two threads are busy
         assert engine._prefill_threads() == 4
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        monkeypatch.setattr(srv, "usable_cores", lambda: 2)
         assert engine._prefill_threads() == 1
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+        monkeypatch.setattr(srv, "usable_cores", lambda: 64)
         assert engine._prefill_threads() == srv.MAX_PREFILL_THREADS
+
+    def test_usable_cores_follow_the_affinity_and_a_container_quota(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+        assert srv.usable_cores(tmp_path) == 16  # no cgroup files: the affinity
+        (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2, no quota
+        assert srv.usable_cores(tmp_path) == 16
+        (tmp_path / "cpu.max").write_text("250000 100000\n")  # docker run --cpus 2.5
+        assert srv.usable_cores(tmp_path) == 2
+        (tmp_path / "cpu.max").write_text("50000 100000\n")
+        assert srv.usable_cores(tmp_path) == 1
+        (tmp_path / "cpu.max").unlink()
+        (tmp_path / "cpu").mkdir()  # cgroup v1
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+        assert srv.usable_cores(tmp_path) == 4
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+        assert srv.usable_cores(tmp_path) == 16
 
     def test_batched_linears_use_packed_weights_that_agree_with_torch(self, real):
         layers = real.model.flow_lm.transformer.layers
