@@ -1388,12 +1388,17 @@ def prefill(model, jobs: list, linear) -> list[tuple[list, int, Any, bool]]:
         regions.put(row, caches, length)
     x = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)  # [B, T, dim]
     hidden = run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
-    last = torch.stack([hidden[row, x.shape[0] - 1] for row, x in enumerate(inputs)])
+    last = torch.stack([hidden[row, len(given) - 1] for row, given in enumerate(inputs)])
     latents, eos = flow_head(model, last, [generator for _, _, generator in jobs])
     eos = eos.tolist()
     return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers],
              length, latents[row : row + 1], eos[row])
             for row, length in enumerate(lengths)]  # fmt: skip
+
+
+def decoder_steps(model) -> int:
+    """Mimi's decoder-transformer positions per FlowLM frame (its upsampling before them)."""
+    return int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
 
 
 def row_capacity(model) -> tuple[int, int]:
@@ -1528,7 +1533,7 @@ class BatchScheduler:
         self.device = next(model.flow_lm.parameters()).device
         self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
         self.frame_seconds = 1.0 / model.config.mimi.frame_rate
-        self.mimi_steps = int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
+        self.mimi_steps = decoder_steps(model)
         self.rows: list[Sentence] = []
         self.joining: deque[Sentence] = deque()
         self.lock = threading.Lock()
@@ -3172,12 +3177,16 @@ class SpeechServer:
         return Response(PAGE_HTML, content_type="text/html; charset=utf-8")
 
     def logo(self):
-        headers = {"Cache-Control": "public, max-age=86400"}
-        return Response(LOGO_PNG, content_type="image/png", headers=headers)
+        return self.embedded(LOGO_PNG, "image/png")
 
     def favicon(self):
+        return self.embedded(FAVICON_SVG, "image/svg+xml")
+
+    @staticmethod
+    def embedded(body, content_type: str) -> Response:
+        """A file embedded in this module: browsers keep it for a day."""
         headers = {"Cache-Control": "public, max-age=86400"}
-        return Response(FAVICON_SVG, content_type="image/svg+xml", headers=headers)
+        return Response(body, content_type=content_type, headers=headers)
 
 
 # =================================================================================================
@@ -3412,14 +3421,13 @@ def default_max_batch(model) -> int:
 def slot_bytes(model) -> int:
     """Memory of one batch slot: FlowLM and Mimi KV regions for the longest sentence (float32)."""
     length, frames = row_capacity(model)
-    steps = int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
 
     def per_position(layers) -> int:
         return sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.dim_per_head * 4
                    for layer in layers)  # fmt: skip
 
     flow, mimi = model.flow_lm.transformer.layers, model.mimi.decoder_transformer.transformer.layers
-    return per_position(flow) * length + per_position(mimi) * steps * frames
+    return per_position(flow) * length + per_position(mimi) * decoder_steps(model) * frames
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
