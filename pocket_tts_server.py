@@ -3891,13 +3891,12 @@ function fileSize(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
-function concat(a, b) {
-  if (!a.length) return b;
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
+function joinBytes(chunks) {  // one array, copied once
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  chunks.reduce((at, c) => { out.set(c, at); return at + c.length; }, 0);
   return out;
 }
+const concat = (a, b) => (a.length ? joinBytes([a, b]) : b);  // nothing pending: no copy
 
 function element(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
@@ -3911,12 +3910,6 @@ function rowButton(text, label, action) {
   button.setAttribute("aria-label", label);
   button.addEventListener("click", action);
   return button;
-}
-
-function joinBytes(chunks) {  // one array, copied once
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  chunks.reduce((at, c) => { out.set(c, at); return at + c.length; }, 0);
-  return out;
 }
 
 // ---- talking to the server: the key, plain-word errors, a banner while it is unreachable ----
