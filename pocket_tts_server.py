@@ -740,12 +740,23 @@ def check_voice_path(path: Path, folder: Path | None = None) -> Path:
     return resolved
 
 
+AV_LENIENT_METADATA = (
+    {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+)
+
+
+def open_audio(source) -> av.container.InputContainer:
+    """av.open for reading, whatever bytes its tags hold: PyAV 19 decodes them leniently and has
+    no option for it; older versions raise on invalid UTF-8 unless told to ignore it."""
+    return av.open(source, **AV_LENIENT_METADATA)
+
+
 def decode_reference(data: bytes, sample_rate: int, max_seconds: float = MAX_REFERENCE_SECONDS):
     """Decode any audio PyAV reads to float32 mono at `sample_rate`, at most `max_seconds`."""
     limit = int(max_seconds * sample_rate)
     pieces: list[np.ndarray] = []
     try:
-        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+        with open_audio(io.BytesIO(data)) as container:
             if not container.streams.audio:
                 raise VoiceError("the voice file has no audio stream.")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
@@ -773,7 +784,7 @@ def decode_reference(data: bytes, sample_rate: int, max_seconds: float = MAX_REF
 def audio_seconds(path: Path) -> float | None:
     """Duration of an audio file from its container, without decoding it."""
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with open_audio(str(path)) as container:
             stream = container.streams.audio[0]
             if stream.duration is not None and stream.time_base is not None:
                 return round(float(stream.duration * stream.time_base), 3)

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -532,6 +533,18 @@ class TestVoices:
     def test_builtin_names(self, client):
         assert abs(self.spoken_freq(client, voice="marius") - 400) < 5
         assert abs(self.spoken_freq(client, voice="Marius") - 400) < 5
+
+    def test_a_recording_whose_tags_are_not_utf8_is_a_voice(self, tmp_path):
+        """Phones and old tools write tags in other encodings; PyAV < 19 raised on them."""
+        wav = write_audio(tmp_path / "ref.wav", tone(200, 2.0)).read_bytes()
+        title = b"INAM" + struct.pack("<I", 6) + b"\xff\xfe\xc3(ok"
+        info = b"LIST" + struct.pack("<I", 4 + len(title)) + b"INFO" + title
+        at = wav.index(b"data")
+        tagged = wav[:4] + struct.pack("<I", len(wav) + len(info) - 8) + wav[8:at] + info + wav[at:]
+        (tmp_path / "tagged.wav").write_bytes(tagged)
+        audio = srv.decode_reference(tagged, SR)
+        assert abs(audio.size / SR - 2.0) < 0.01 and abs(dominant_freq(audio, SR) - 200) < 5
+        assert srv.audio_seconds(tmp_path / "tagged.wav") == pytest.approx(2.0, abs=0.01)
 
     @pytest.mark.parametrize("name", list(srv.OPENAI_VOICE_MAP))
     def test_openai_names_never_fail(self, client, name):
