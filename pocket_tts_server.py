@@ -33,6 +33,7 @@ import _thread
 import argparse
 import asyncio
 import base64
+import bisect
 import concurrent.futures
 import contextlib
 import copy
@@ -1163,11 +1164,17 @@ STEP_MEMORY_SECONDS = 60.0  # a step time measured at run time is trusted this l
 # share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
 # sizes 1, 2, 4, ... so the guess is rarely needed.
 MARGINAL_STREAM_COST = 0.5
-PREFILL_BATCH = 4  # prefills computed in one pass at most
+# Prefills computed in one pass at most, by device. A CPU pass is compute-bound (four cost about
+# three times one); a GPU pass costs about the same for 1 or 32 rows.
+PREFILL_BATCH = {"cpu": 4, "cuda": 32}
 # A pass waits this long at most for admitted requests that have yet to ask for their prefill:
 # requests that arrive together are computed together, not one pass after another.
 PREFILL_GATHER_SECONDS = 0.05
 MAX_PREFILL_THREADS = 8  # a prefill (a few hundred tokens at most) gains little beyond this
+# Queries per stream up to which GPU attention is two plain matrix products (a FlowLM step has
+# 1, Mimi's 16). The fused kernels tile 64 queries: on an H100 at 128 streams they took 5.6 ms
+# of a step for 8 layers of 1 or 16 queries each. (On a CPU the fused kernel is the faster.)
+STEP_QUERIES = 16
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
 
 
@@ -1231,9 +1238,13 @@ def attend(attn, x, keys, values, starts, span: int, linear):
     """One attention layer for streams with their own KV regions.
 
     x: [B, T, E]; keys/values: [B, L, H_kv, D], one region per stream; starts: [B] long, the
-    position of x[:, 0] in each stream; span: max(starts) + T (known on the host: no device sync
-    per layer); linear: how to apply a Linear (see `packed_linear`). Writes this step's keys and
-    values into the regions.
+    position of x[:, 0] in each stream; span: the region positions to read (known on the host: no
+    device sync per layer); linear: how to apply a Linear (see `packed_linear`). Writes this
+    step's keys and values into the regions.
+
+    A region is a ring: position p is kept at index p % L. One as long as its stream never
+    wraps; one shorter than a long stream works when attention sees only the last `context`
+    positions and L >= context + T - 1 (Mimi's, see `mimi_positions`).
     """
     import torch
     import torch.nn.functional as F
@@ -1246,26 +1257,38 @@ def attend(attn, x, keys, values, starts, span: int, linear):
     positions = starts[:, None] + torch.arange(t, device=x.device)  # [B, T]
     q = rope_rows(q, positions, attn.rope.max_period)
     k = rope_rows(k, positions, attn.rope.max_period)
-    rows = torch.arange(b, device=x.device)[:, None]
-    keys[rows, positions] = k.to(keys.dtype)
-    values[rows, positions] = v.to(values.dtype)
+    rows, length = torch.arange(b, device=x.device)[:, None], keys.shape[1]
+    keys[rows, positions % length] = k.to(keys.dtype)
+    values[rows, positions % length] = v.to(values.dtype)
     k_all, v_all = keys[:, :span].transpose(1, 2), values[:, :span].transpose(1, 2)
     if attn.num_kv_heads != attn.num_heads:
         k_all = k_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
         v_all = v_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-    delta = positions[:, :, None] - torch.arange(span, device=x.device)  # [B, T, span]
-    mask = delta >= 0
+    # Index j holds the newest position p <= this step's last with p % L == j (< 0: none yet).
+    newest = positions[:, -1:]
+    held = newest - (newest - torch.arange(span, device=x.device)) % length  # [B, span]
+    delta = positions[:, :, None] - held[:, None, :]  # [B, T, span]
+    mask = (delta >= 0) & (held >= 0)[:, None, :]
     if attn.context is not None:
         mask &= delta < attn.context
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all, v_all, mask[:, None])
+    q = q.transpose(1, 2)  # [B, H, T, D]
+    if x.is_cuda and t <= STEP_QUERIES:  # a step: GPU kernels would tile 64 queries for these
+        scores = (q @ k_all.transpose(-1, -2)) * d**-0.5  # [B, H, T, span]
+        out = scores.masked_fill(~mask[:, None], -math.inf).softmax(-1) @ v_all
+    else:
+        out = F.scaled_dot_product_attention(q, k_all, v_all, mask[:, None])
     return linear(attn.out_proj, out.transpose(1, 2).reshape(b, t, attn.attn_dim))
 
 
-def run_layers(transformer, x, regions, starts, linear):
-    """A StreamingTransformer's layers over streams with KV regions ([(keys, values)] by layer)."""
+def run_layers(transformer, x, regions, starts, linear, span: int | None = None):
+    """A StreamingTransformer's layers over streams with KV regions ([(keys, values)] by layer).
+
+    span: the region positions attention reads; by default up to the longest stream (a device
+    sync), a fixed length in a CUDA graph (positions beyond a stream's own are masked)."""
     import torch.nn.functional as F
 
-    span = int(starts.max()) + x.shape[1]  # regions are used up to the longest stream
+    if span is None:
+        span = min(int(starts.max()) + x.shape[1], regions[0][0].shape[1])
     for layer, (keys, values) in zip(transformer.layers, regions, strict=True):
         update = attend(layer.self_attn, layer.norm1(x), keys, values, starts, span, linear)
         x = x.to(update) + layer.layer_scale_1(update)
@@ -1314,14 +1337,16 @@ def packed_linear(packed: dict):
     return linear
 
 
-def flow_step(model, latents, regions, starts, generators, linear):
-    """One FlowLM step for every stream: next latents [B, 1, ldim] and EOS flags [B]."""
+def flow_step(model, latents, regions, starts, noise, linear, span: int | None = None):
+    """One FlowLM step for every stream: next latents [B, 1, ldim] and EOS flags [B].
+
+    noise: each stream's sampling noise [B, ldim] (`streams_noise`)."""
     lm = model.flow_lm
-    hidden = run_layers(lm.transformer, lm.input_linear(latents), regions, starts, linear)
-    return flow_head(model, hidden[:, -1], generators)
+    hidden = run_layers(lm.transformer, lm.input_linear(latents), regions, starts, linear, span)
+    return flow_head(model, hidden[:, -1], noise)
 
 
-def flow_head(model, hidden, generators):
+def flow_head(model, hidden, noise):
     """FlowLM's last hidden state of each stream [B, dim] to its latent [B, 1, ldim] and EOS [B]."""
     import torch
     from pocket_tts.models import flow_lm as flow_module
@@ -1333,13 +1358,20 @@ def flow_head(model, hidden, generators):
         hidden = lm.z_proj(hidden)
     hidden = hidden.to(torch.float32)
     eos = (lm.out_eos(hidden) > model.eos_threshold).view(-1)
-    std = model.temp**0.5
-    noise = torch.stack([stream_noise(lm.ldim, std, model.noise_clamp, g) for g in generators])
     decode = {"lsd": flow_module.lsd_decode, "flow_matching": flow_module.ot_decode,
               "drifting": flow_module.drifting_decode,
               "pointwise": flow_module.pointwise_decode}[lm.flow_type]  # fmt: skip
     flow = functools.partial(lm.flow_net, hidden)
     return decode(flow, noise.to(hidden), model.sampler_decode_steps)[:, None, :], eos
+
+
+def streams_noise(model, generators) -> Any:
+    """Each stream's sampling noise for one step [B, ldim], drawn on the CPU from its own
+    generator: the same whatever else shares its step, and whatever the device."""
+    import torch
+
+    std, clamp = model.temp**0.5, model.noise_clamp
+    return torch.stack([stream_noise(model.flow_lm.ldim, std, clamp, g) for g in generators])
 
 
 def stream_noise(size: int, std: float, clamp: float | None, generator):
@@ -1352,18 +1384,29 @@ def stream_noise(size: int, std: float, clamp: float | None, generator):
     return torch.nn.init.trunc_normal_(noise, 0.0, std, -clamp, clamp, generator=generator)
 
 
-def mimi_step(model, latents, state, regions, starts, linear):
-    """Mimi decodes one latent per stream: audio [B, samples]; `state` holds the conv states."""
+def mimi_step(model, latents, state, regions, starts, linear, span: int | None = None):
+    """Mimi decodes one latent per stream: audio [B, samples].
+
+    state: Mimi's convolution states ({module: {name: [slots, ...]}}), of which rows 0..B-1 are
+    read and updated in place."""
     lm, mimi = model.flow_lm, model.mimi
+    n = latents.shape[0]
+    views = {name: {key: t[:n] for key, t in module.items()} for name, module in state.items()}
+    given = {name: dict(module) for name, module in views.items()}
     x = mimi.quantizer((latents * lm.emb_std + lm.emb_mean).transpose(-1, -2))
-    x = mimi._to_encoder_framerate(x, state)
+    x = mimi._to_encoder_framerate(x, views)
     projected = mimi.decoder_transformer
     x = x.transpose(1, 2)
     if projected.input_proj is not None:
         x = projected.input_proj(x)
-    x = run_layers(projected.transformer, x, regions, starts, linear)
+    x = run_layers(projected.transformer, x, regions, starts, linear, span)
     x = projected.output_projs[0](x).transpose(1, 2)
-    return mimi.decoder(x, state)[:, 0]
+    audio = mimi.decoder(x, views)[:, 0]
+    for name, module in views.items():  # pocket-tts replaces some state tensors: copy them back
+        for key, tensor in module.items():
+            if tensor is not given[name][key]:
+                state[name][key][:n] = tensor
+    return audio
 
 
 def voice_prefix(model, voice_state) -> tuple[list, int]:
@@ -1400,7 +1443,8 @@ def prefill(model, jobs: list, linear) -> list[tuple[list, int, Any, bool]]:
     x = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True)  # [B, T, dim]
     hidden = run_layers(lm.transformer, x, regions.layers, regions.starts, linear)
     last = torch.stack([hidden[row, len(given) - 1] for row, given in enumerate(inputs)])
-    latents, eos = flow_head(model, last, [generator for _, _, generator in jobs])
+    noise = streams_noise(model, [generator for _, _, generator in jobs])
+    latents, eos = flow_head(model, last, noise)
     eos = eos.tolist()
     return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers],
              length, latents[row : row + 1], eos[row])
@@ -1412,11 +1456,20 @@ def decoder_steps(model) -> int:
     return int(model.mimi.encoder_frame_rate / model.mimi.frame_rate)
 
 
+def mimi_positions(model, frames: int) -> int:
+    """Positions a Mimi KV region keeps for `frames`: all of them, or (attention seeing only its
+    last `context` positions) a ring of context + one frame's steps, far fewer."""
+    steps = decoder_steps(model)
+    context = model.mimi.decoder_transformer.transformer.layers[0].self_attn.context
+    return steps * frames if context is None else min(steps * frames, context + steps)
+
+
 def row_capacity(model) -> tuple[int, int]:
     """Positions the longest row needs, at pocket-tts's limits: (FlowLM, frames generated).
 
     FlowLM holds the voice prompt (up to 30 s), the text (up to a chunk's tokens) and the
-    frames; Mimi holds only the frames. A longer voice state (a .safetensors voice) grows them.
+    frames; Mimi only the frames (`mimi_positions`). A longer voice state (a .safetensors voice)
+    grows them.
     """
     from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
 
@@ -1526,6 +1579,77 @@ class Regions:
         return bigger
 
 
+def cuda_graph(body, pool):
+    """(graph, outputs) of `body()` captured as a CUDA graph (after warm-up runs on a side stream,
+    as CUDA requires); graphs given the same `pool` share their scratch memory."""
+    import torch
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = body()
+    return graph, outputs
+
+
+class StepGraphs:
+    """The batch's FlowLM and Mimi steps as CUDA graphs, one per padded batch size (1, 2, 4...).
+
+    On a GPU a step is some 500 small kernels: launching them from Python costs 8-12 ms of CPU
+    (and of the GIL, which every HTTP thread wants too) for about 3 ms of GPU work (measured on
+    an H100 at 64 rows). A graph launches them all at once. Its shapes are fixed: rows are
+    padded to the next captured size (the slots beyond the batch are unused), attention reads
+    whole regions (positions beyond each stream's own are masked), and each step's noise is
+    copied into a buffer. The graphs read the scheduler's regions and Mimi states in place, so
+    they are made again whenever those are reallocated.
+    """
+
+    def __init__(self, scheduler: BatchScheduler):
+        import torch
+
+        s, slots = scheduler, scheduler.flow.slots
+        self.sizes = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
+        buffer = functools.partial(torch.zeros, slots, device=s.device)
+        ldim = s.model.flow_lm.ldim
+        self.flow_in, self.noise, self.mimi_in = buffer(1, ldim), buffer(ldim), buffer(1, ldim)
+        flow_pool, mimi_pool = torch.cuda.graph_pool_handle(), torch.cuda.graph_pool_handle()
+
+        def flow(size):
+            regions, starts = s.flow.view(size)
+            return flow_step(s.model, self.flow_in[:size], regions, starts, self.noise[:size],
+                             s.linear, s.flow.length)  # fmt: skip
+
+        def mimi(size):
+            regions, starts = s.mimi.view(size)
+            return mimi_step(s.model, self.mimi_in[:size], s.mimi_state, regions, starts,
+                             s.linear, s.mimi.length)  # fmt: skip
+
+        self.flow = {n: cuda_graph(functools.partial(flow, n), flow_pool) for n in self.sizes}
+        self.mimi = {n: cuda_graph(functools.partial(mimi, n), mimi_pool) for n in self.sizes}
+
+    def padded(self, n: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, n)]
+
+    def flow_step(self, latents, noise, n: int):
+        """`flow_step` for rows 0..n-1: their next latents [n, 1, ldim] and EOS flags [n]."""
+        self.flow_in[:n], self.noise[:n] = latents, noise
+        graph, (out, eos) = self.flow[self.padded(n)]
+        graph.replay()
+        return out[:n].clone(), eos[:n]  # the next replay overwrites them
+
+    def mimi_step(self, latents, n: int):
+        """`mimi_step` for rows 0..n-1: audio [n, samples], valid until the next replay."""
+        self.mimi_in[:n] = latents
+        graph, audio = self.mimi[self.padded(n)]
+        graph.replay()
+        return audio[:n]
+
+
 class BatchScheduler:
     """Owns the model: every active sentence advances by one batched step per tick.
 
@@ -1555,10 +1679,14 @@ class BatchScheduler:
         flow_layers = model.flow_lm.transformer.layers
         mimi_layers = model.mimi.decoder_transformer.transformer.layers
         self.flow = Regions(flow_layers, 1, length, self.device, torch.float32)
-        self.mimi = Regions(mimi_layers, 1, self.mimi_steps * frames, self.device, torch.float32)
+        self.mimi = Regions(
+            mimi_layers, 1, mimi_positions(model, frames), self.device, torch.float32
+        )
         self.linear = packed_linear(pack_linears([*flow_layers, *mimi_layers]))
         self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self._fresh_mimi_state(1)
+        self.graphs: StepGraphs | None = None  # CUDA only: made by `calibrate`
+        self.regraph = False  # the graphs' arrays were reallocated: make them again when idle
         self.measured: dict[int, tuple[float, float]] = {}  # size -> (tick s EMA, when last)
         self.ticks: list | None = None  # (batch size, seconds) of each tick, while calibrating
         self.calibrated: dict[int, float] = {}  # batch size -> median tick time at start-up
@@ -1594,7 +1722,12 @@ class BatchScheduler:
 
         `sentence()` makes a short Sentence. Admission starts from these measurements, not from
         guesses; it stops at the first size slower than real time (none would be admitted).
+        On a GPU, the slot arrays are first made as large as max_batch and the steps captured
+        as CUDA graphs, so that calibration measures what will run.
         """
+        if self.device.type == "cuda":
+            self._make_room(self.max_batch, self.flow.length, row_capacity(self.model)[1])
+            self._make_graphs()
         size = 1
         while True:
             try:
@@ -1624,6 +1757,8 @@ class BatchScheduler:
         with torch.no_grad():
             while True:
                 if not self.rows and decoding is None and not self.joining:
+                    if self.regraph:
+                        self._make_graphs()
                     self.wake.wait()
                     self.wake.clear()
                     continue
@@ -1638,6 +1773,8 @@ class BatchScheduler:
                     for row in self.rows:
                         row.audio.put(exc)
                     self.rows.clear()
+                    self.flow.starts.zero_()  # no slot is in use (graphs step them all)
+                    self.mimi.starts.zero_()
 
     def _tick(self, decoding):
         """One FlowLM step for every row (Mimi decodes the last tick meanwhile), then leave/join."""
@@ -1647,10 +1784,13 @@ class BatchScheduler:
         latents = eos = None
         n = len(self.rows)
         if n:
-            regions, starts = self.flow.view(n)
             inputs = torch.cat([r.latent for r in self.rows])
-            latents, eos = flow_step(self.model, inputs, regions, starts,
-                                     [r.generator for r in self.rows], self.linear)  # fmt: skip
+            noise = streams_noise(self.model, [r.generator for r in self.rows])
+            if self.graphs is not None:
+                latents, eos = self.graphs.flow_step(inputs, noise, n)
+            else:
+                regions, starts = self.flow.view(n)
+                latents, eos = flow_step(self.model, inputs, regions, starts, noise, self.linear)
             self.flow.starts[:n] += 1
         if decoding is not None:
             self._deliver(*decoding)  # Mimi ran while FlowLM stepped
@@ -1680,19 +1820,15 @@ class BatchScheduler:
         import torch
 
         latents = torch.cat([row.latent for row in self.rows[:n]])
-        views = {name: {key: t[:n] for key, t in module.items()}
-                 for name, module in self.mimi_state.items()}  # fmt: skip
-        given = {name: dict(module) for name, module in views.items()}
-        regions, starts = self.mimi.view(n)
+        state, graphs, (regions, starts) = self.mimi_state, self.graphs, self.mimi.view(n)
 
         def decode():
             with torch.no_grad():  # grad mode is per thread
-                audio = mimi_step(self.model, latents, views, regions, starts, self.linear)
-            self.mimi.starts[:n] += self.mimi_steps
-            for name, module in views.items():  # pocket-tts replaces some state tensors
-                for key, tensor in module.items():
-                    if tensor is not given[name][key]:
-                        self.mimi_state[name][key][:n] = tensor
+                if graphs is not None:
+                    audio = graphs.mimi_step(latents, n)
+                else:
+                    audio = mimi_step(self.model, latents, state, regions, starts, self.linear)
+            starts[:n] += self.mimi_steps
             return audio.float().cpu().numpy()
 
         return self.decoder.submit(decode), self.rows[:n]
@@ -1731,6 +1867,7 @@ class BatchScheduler:
                         tensor[i] = tensor[last]
                 self.rows[i] = self.rows[last]
             self.rows.pop()
+            self.flow.starts[last] = self.mimi.starts[last] = 0  # unused (graphs step it too)
             row.audio.put(None)
 
     def _join(self):
@@ -1756,12 +1893,14 @@ class BatchScheduler:
 
     def _make_room(self, slots: int, length: int, frames: int):
         """Grow the slot arrays (doubling) and the regions' length to fit."""
-        mimi_length, capacity = self.mimi_steps * frames, self.flow.slots
+        mimi_length, capacity = mimi_positions(self.model, frames), self.flow.slots
         if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
             return
         if slots > capacity:
             capacity = max(slots, 2 * capacity)
         used = len(self.rows)
+        if self.graphs is not None:  # they read the old arrays; eager steps until made again
+            self.graphs, self.regraph = None, True
         self.flow = self.flow.grown(capacity, max(length, self.flow.length), used)
         self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length), used)
         bigger = self._fresh_mimi_state(capacity)
@@ -1769,6 +1908,13 @@ class BatchScheduler:
             for key, tensor in module.items():
                 bigger[name][key][:used] = tensor[:used]
         self.mimi_state = bigger
+
+    def _make_graphs(self):
+        self.regraph = False
+        started = time.monotonic()
+        self.graphs = StepGraphs(self)
+        logger.info("CUDA graphs for %d batch sizes made in %.1f s",
+                    len(self.graphs.sizes), time.monotonic() - started)  # fmt: skip
 
     def _fresh_mimi_state(self, slots: int):
         """Mimi's convolution states for `slots` streams (its attention runs on Regions)."""
@@ -1837,6 +1983,8 @@ class Engine:
             logger.warning("pocket-tts internals changed (%s): generating one stream at a time "
                            "per request, without batching", ", ".join(missing))  # fmt: skip
         self.scheduler = None if missing else BatchScheduler(model, max_batch)
+        device = self.scheduler.device.type if self.scheduler else "cpu"
+        self.prefill_batch = PREFILL_BATCH.get(device, PREFILL_BATCH["cpu"])
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
@@ -2127,7 +2275,7 @@ class Engine:
         """Have `row` prefilled (its prefix and first step); that pass puts it in the batch.
 
         One pass at a time: its holder first gathers the requests about to ask (`_gather`),
-        then takes the waiting jobs in arrival order (PREFILL_BATCH at most per pass, until its
+        then takes the waiting jobs in arrival order (`prefill_batch` at most per pass, until its
         own is taken); a thread whose job another pass took returns at once. Batched, the matrix
         products cost far less per row, so requests arriving together start speaking sooner
         than after one prefill each, and their rows join the batch at the same tick.
@@ -2143,8 +2291,8 @@ class Engine:
                     if job["taken"]:
                         return
                     self._gather()
-                    jobs = self._prefills[:PREFILL_BATCH]
-                    del self._prefills[:PREFILL_BATCH]
+                    jobs = self._prefills[: self.prefill_batch]
+                    del self._prefills[: self.prefill_batch]
                     for taken in jobs:
                         taken["taken"] = True
                 self._prefill_pass(jobs)
@@ -2197,7 +2345,7 @@ class Engine:
         (or in a pause of their script, hence the time limit). A lone request never waits.
         """
         deadline = time.monotonic() + PREFILL_GATHER_SECONDS
-        while len(self._prefills) < PREFILL_BATCH:
+        while len(self._prefills) < self.prefill_batch:
             arriving = self.active - self.streaming - self.prefilling
             left = deadline - time.monotonic()
             if arriving <= 0 or left <= 0:
@@ -3438,7 +3586,7 @@ def slot_bytes(model) -> int:
                    for layer in layers)  # fmt: skip
 
     flow, mimi = model.flow_lm.transformer.layers, model.mimi.decoder_transformer.transformer.layers
-    return per_position(flow) * length + per_position(mimi) * decoder_steps(model) * frames
+    return per_position(flow) * length + per_position(mimi) * mimi_positions(model, frames)
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

@@ -381,18 +381,30 @@ def concurrency(args, config: Path, ref: Path, cache: Path, model, state, reps: 
             first, total, data = speech(url, TEXT, "pcm", True)
             results.append((first, total, len(data) / 2 / 24000))
 
+        def sample_steps():  # the server's own step time while the level runs
+            while any(t.is_alive() for t in threads):
+                health = requests.get(f"{url}/health", timeout=10).json()
+                if health.get("step_ms"):
+                    steps.append((health["batch_size"], health["step_ms"],
+                                  health["realtime_headroom"]))  # fmt: skip
+                time.sleep(0.25)
+
+        steps: list[tuple[int, float, float]] = []  # (batch size, step ms, headroom)
         threads = [threading.Thread(target=client) for _ in range(clients)]
         t0 = time.perf_counter()
         [t.start() for t in threads]
+        sampler = threading.Thread(target=sample_steps)
+        sampler.start()
         [t.join() for t in threads]
-        return results, time.perf_counter() - t0
+        sampler.join()
+        return results, time.perf_counter() - t0, steps
 
     targets = {1: ">= 0.97", 4: ">= 2", 8: ">= 2.5"} if args.device == "cpu" else {64: ">= 50"}
     one_client_first = None
     for clients in map(int, args.clients.split(",")):
         lib = [library_run(model, state, TEXT) for _ in range(reps)]
         lib_rtf = lib[0][2] / median([r[1] for r in lib])
-        results, wall = run(clients)
+        results, wall, steps = run(clients)
         aggregate = sum(r[2] for r in results) / wall
         slowest = min(r[2] / r[1] for r in results)
         firsts = sorted(r[0] for r in results)
@@ -406,6 +418,11 @@ def concurrency(args, config: Path, ref: Path, cache: Path, model, state, reps: 
         row(f"{clients} clients: first byte p50 / p95",
             f"{p50 * 1000:.0f} / {p95 * 1000:.0f} ms ({p50 / one_client_first:.1f} x one client)",
             "(target p50 <= 2 x one client)" if clients == 4 else "")  # fmt: skip
+        if steps:  # at the largest batch seen: its median step, and a frame's share of it
+            batch = max(size for size, *_ in steps)
+            step, headroom = (median([s[i] for s in steps if s[0] == batch]) for i in (1, 2))
+            row(f"{clients} clients: server step at its largest batch",
+                f"{step:.1f} ms at {batch} streams ({headroom:.1f}x real time each)")  # fmt: skip
     health = requests.get(f"{url}/health", timeout=10).json()
     row("batch step at the end", f"{health.get('step_ms')} ms, max_batch {health['max_batch']}")
     row("server peak RSS", f"{peak_rss_mb(proc.pid):.0f} MB")
