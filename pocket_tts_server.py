@@ -17,8 +17,10 @@ Data flows top to bottom, and so does this file:
 The Engine is the only code that touches the model. Its BatchScheduler advances every active stream
 by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), lets
 sentences join and leave at any tick, and admits streams while the batch stays faster than real
-time, by step times measured at start-up; requests beyond that wait in a bounded queue. Each stream
-keeps its own KV region and seeded noise, so its audio does not depend on what else is batched. The
+time, by step times measured at start-up; requests beyond that wait in a bounded queue. On a GPU
+both steps replay as CUDA graphs, since launching their small kernels one by one would cost more
+than running them. Each stream keeps its own KV regions and seeded noise, so its audio does not
+depend on what else is batched. The
 Engine yields float32 audio chunks and honours a stop event (set when a client hangs up), so HTTP
 handlers and encoders never depend on how generation is scheduled. Encoders are incremental, so a
 streamed response leaves as soon as the model produces audio, in every format. The web page (one
