@@ -1660,7 +1660,8 @@ class BatchScheduler:
     prefix computed on the request's thread) and leave (finished, stopped) between ticks. Rows
     live in slots 0..n-1, so a step works on views, never on copies; a leaving row's slot is
     refilled by the last one. Per-stream KV regions keep every stream at its own positions, so a
-    stream's audio does not depend on what else is batched.
+    stream's audio does not depend on what else is batched. On a GPU both steps replay as CUDA
+    graphs (`StepGraphs`).
     """
 
     def __init__(self, model, max_batch: int):
