@@ -1913,11 +1913,18 @@ class BatchScheduler:
         self.mimi_state = bigger
 
     def _make_graphs(self):
-        self.regraph = False
+        """Capture the steps (StepGraphs); where this torch cannot, steps stay eager."""
+        self.regraph, self.graphs = False, None
         started = time.monotonic()
-        self.graphs = StepGraphs(self)
+        try:
+            graphs = StepGraphs(self)
+        except RuntimeError:
+            logger.warning("CUDA graphs could not be made: each step launches its kernels one by "
+                           "one (slower)", exc_info=True)  # fmt: skip
+            return
+        self.graphs = graphs
         logger.info("CUDA graphs for %d batch sizes made in %.1f s",
-                    len(self.graphs.sizes), time.monotonic() - started)  # fmt: skip
+                    len(graphs.sizes), time.monotonic() - started)  # fmt: skip
 
     def _fresh_mimi_state(self, slots: int):
         """Mimi's convolution states for `slots` streams (its attention runs on Regions)."""

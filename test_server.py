@@ -3025,6 +3025,25 @@ class TestBatching:
         for i in range(2):  # (a ring one frame too short is off by 5e-4 of the peak on a CPU)
             assert (torch.cat(ours[i]) - theirs[i]).abs().max() < AUDIO_RTOL * theirs[i].abs().max()
 
+    def test_steps_stay_eager_where_cuda_graphs_cannot_be_made(self, real, voices, monkeypatch,
+                                                               caplog):  # fmt: skip
+        """A torch that cannot capture the steps still serves, with eager steps."""
+        scheduler = real.server.engine.scheduler
+
+        def refuse(_scheduler):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(srv, "StepGraphs", refuse)
+        monkeypatch.setattr(scheduler, "graphs", None)
+        with caplog.at_level(logging.WARNING, logger=srv.logger.name):
+            scheduler._make_graphs()
+        assert scheduler.graphs is None and not scheduler.regraph
+        assert "CUDA graphs could not be made" in caplog.text
+        audio = self.run_all(real.server.engine, [("Hello world.", voices[0], 1, 0.0)])[0]
+        assert (
+            abs(audio.size / SR - TestRealModel.library_seconds(real.model, "Hello world.")) < 1e-3
+        )
+
     @pytest.mark.skipif(TEST_DEVICE != "cuda", reason="CUDA graphs: POCKET_TTS_TEST_DEVICE=cuda")
     def test_cuda_graphs_sound_as_the_eager_steps(self, real, voices, monkeypatch):
         """On a GPU the batch replays captured steps, padded to a captured size (3 rows run as
