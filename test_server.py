@@ -3001,8 +3001,8 @@ class TestBatching:
         ring = srv.mimi_positions(model, frames)
         assert ring < steps * frames  # it wraps (Mimi attends to its last 250 positions only)
         layers = model.mimi.decoder_transformer.transformer.layers
-        regions, state = srv.Regions(layers, 2, ring, model.device, torch.float32), \
-            scheduler._fresh_mimi_state(2)  # fmt: skip
+        regions = srv.Regions(layers, 2, ring, model.device, torch.float32)
+        state = scheduler._fresh_mimi_state(2)
         ours, theirs = [[], []], []
         with torch.no_grad():
             for t in range(frames):
