@@ -1161,7 +1161,6 @@ def model_fingerprint(model, extra: str = "") -> str:
 
 FADE_IN_SECONDS = 0.005  # sentence starts: a fresh decoder state may begin off zero
 FADE_OUT_SECONDS = 0.010  # sentence ends: generation stops wherever the waveform happens to be
-STEP_MEMORY_SECONDS = 60.0  # a step time measured at run time is trusted this long
 # With a single batch size measured, each stream more is guessed to cost half a lone stream's
 # share (a matrix product is cheaper per row as rows are added). Start-up calibration measures
 # sizes 1, 2, 4, ... so the guess is rarely needed.
@@ -1169,15 +1168,49 @@ MARGINAL_STREAM_COST = 0.5
 # Prefills computed in one pass at most, by device. A CPU pass is compute-bound (four cost about
 # three times one); a GPU pass costs about the same for 1 or 32 rows.
 PREFILL_BATCH = {"cpu": 4, "cuda": 32}
-# A pass waits this long at most for admitted requests that have yet to ask for their prefill:
-# requests that arrive together are computed together, not one pass after another.
+# An idle batch waits this long at most for admitted requests that have yet to submit their
+# sentence: requests that arrive together are prefilled together, not one pass after another.
 PREFILL_GATHER_SECONDS = 0.05
+# Admission's load factor (measured tick / calibrated tick) moves this far towards each tick's
+# ratio (about 50 ticks, 4 s of audio, to settle), each ratio clipped to [1/MAX_LOAD, MAX_LOAD]:
+# one slow tick (a prefill pass, a busy moment) moves it by 2 % at most of its excess.
+LOAD_SMOOTHING = 0.02
+MAX_LOAD = 4.0
+HYSTERESIS = 0.05  # one more stream is admitted only when it fits with 5 % to spare
 MAX_PREFILL_THREADS = 8  # a prefill (a few hundred tokens at most) gains little beyond this
 # Queries per stream up to which GPU attention is two plain matrix products (a FlowLM step has
 # 1, Mimi's 16). The fused kernels tile 64 queries: on an H100 at 128 streams they took 5.6 ms
 # of a step for 8 layers of 1 or 16 queries each. (On a CPU the fused kernel is the faster.)
 STEP_QUERIES = 16
 MAX_DECODER_FRAMES_PER_CALL = 4  # Mimi decodes at most 320 ms per call: bounded memory and work
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2 or
+    v1), since threads beyond the quota only wait for it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (cgroup / quota_file).read_text().split()
+            period = fields[1] if period_file is None else (cgroup / period_file).read_text()
+            if fields[0] not in ("max", "-1"):
+                return max(1, min(cores or 1, int(fields[0]) // int(period)))
+    return cores or 1
+
+
+def free_memory(device: str) -> int | None:
+    """Free bytes on the device (CUDA), or available RAM (Linux); None where unknown."""
+    with contextlib.suppress(Exception):
+        if device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.mem_get_info(torch.device(device))[0]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 # -- pocket-tts internals ---------------------------------------------------------------------
@@ -1499,36 +1532,74 @@ def estimate_step(measured: dict[int, float], streams: int) -> float | None:
     return t0 + per_stream * max(0, streams - n0)
 
 
-# -- the batch scheduler ------------------------------------------------------------------------
+# -- records ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """A piece of text made ready for the model: its tokens and pocket-tts's length limits."""
+
+    text: str
+    tokens: Any  # what the model's prefill reads (pocket-tts: token ids [1, T])
+    max_frames: int  # pocket-tts's cap on the frames generated for these tokens
+    frames_after_eos: int  # frames still spoken once the model signals the end
+
+
+@dataclass
+class Prefix:
+    """What a prefill pass computed for one row: its KV prefix and its first latent."""
+
+    caches: Any  # FlowLM keys and values by layer, [2, P, H, D] each
+    length: int  # P: the voice prompt, the text and the first step
+    latent: Any  # the first step's latent [1, 1, ldim]
+    eos: bool  # whether that step signalled the end
+
+
+class GenerationFailed(RuntimeError):
+    """The model failed on a request's row (the cause is logged, and chained)."""
 
 
 @dataclass(eq=False)
 class Sentence:
-    """One chunk of text to speak: a row of the batch from its prefill to its last frame."""
+    """One chunk of text to speak: a row of the batch, from its prefill to its last frame.
 
-    max_frames: int
-    frames_after_eos: int
+    The request's thread creates it and reads `audio`; the scheduler thread owns everything
+    else. `audio` receives float32 arrays, then None at the end, or an exception instead.
+    """
+
+    chunk: Chunk
+    voice_state: Any
     generator: Any  # torch.Generator: this stream's own sampling noise
-    stop: threading.Event
-    prefix: list = field(default_factory=list)  # FlowLM keys and values by layer (prefill)
-    length: int = 0  # the prefix's length
-    audio: queue.Queue = field(default_factory=queue.Queue)  # float32 arrays; None when done
+    stop: threading.Event  # the request's: set when its client hangs up
+    audio: queue.Queue = field(default_factory=queue.Queue)
+    abandoned: bool = False  # its reader went away without setting `stop`
     step: int = 0
     eos_step: int | None = None
-    latent: Any = None  # its newest latent [1, 1, ldim]: audio to decode, the next step's input
+    latent: Any = None  # its newest latent: audio to decode, and the next step's input
     finished: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.abandoned or self.stop.is_set()
 
     def advance(self, latent, eos: bool, min_frames_before_eos: int) -> bool:
         """pocket-tts's stopping rule for this row's next latent: whether it is audio to decode."""
         step, self.step = self.step, self.step + 1
         if eos and self.eos_step is None and step >= min_frames_before_eos:
             self.eos_step = step
-        if self.eos_step is not None and step >= self.eos_step + self.frames_after_eos:
+        if self.eos_step is not None and step >= self.eos_step + self.chunk.frames_after_eos:
             self.finished = True
             return False
         self.latent = latent
-        self.finished = self.step >= self.max_frames
+        self.finished = self.step >= self.chunk.max_frames
         return True
+
+    def fail(self, exc: Exception):
+        self.finished = True
+        self.audio.put(exc)
+
+
+# -- slots: the model's state for every row ------------------------------------------------------
 
 
 class Regions:
@@ -1550,6 +1621,10 @@ class Regions:
     @property
     def length(self) -> int:
         return self.layers[0][0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
     def put(self, slot: int, caches: list, length: int):
         """A stream's prefix into a slot: keys and values ([2, P, H, D]) by layer, P = length."""
@@ -1607,29 +1682,29 @@ class StepGraphs:
     an H100 at 64 rows). A graph launches them all at once. Its shapes are fixed: rows are
     padded to the next captured size (the slots beyond the batch are unused), attention reads
     whole regions (positions beyond each stream's own are masked), and each step's noise is
-    copied into a buffer. The graphs read the scheduler's regions and Mimi states in place, so
+    copied into a buffer. The graphs read the slots' regions and Mimi states in place, so
     they are made again whenever those are reallocated.
     """
 
-    def __init__(self, scheduler: BatchScheduler):
+    def __init__(self, steps: PocketSteps):
         import torch
 
-        s, slots = scheduler, scheduler.flow.slots
+        slots = steps.flow.slots
         self.sizes = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
-        buffer = functools.partial(torch.zeros, slots, device=s.device)
-        ldim = s.model.flow_lm.ldim
+        buffer = functools.partial(torch.zeros, slots, device=steps.device)
+        ldim = steps.model.flow_lm.ldim
         self.flow_in, self.noise, self.mimi_in = buffer(1, ldim), buffer(ldim), buffer(1, ldim)
         flow_pool, mimi_pool = torch.cuda.graph_pool_handle(), torch.cuda.graph_pool_handle()
 
         def flow(size):
-            regions, starts = s.flow.view(size)
-            return flow_step(s.model, self.flow_in[:size], regions, starts, self.noise[:size],
-                             s.linear, s.flow.length)  # fmt: skip
+            regions, starts = steps.flow.view(size)
+            return flow_step(steps.model, self.flow_in[:size], regions, starts,
+                             self.noise[:size], steps.linear, steps.flow.length)  # fmt: skip
 
         def mimi(size):
-            regions, starts = s.mimi.view(size)
-            return mimi_step(s.model, self.mimi_in[:size], s.mimi_state, regions, starts,
-                             s.linear, s.mimi.length)  # fmt: skip
+            regions, starts = steps.mimi.view(size)
+            return mimi_step(steps.model, self.mimi_in[:size], steps.mimi_state, regions, starts,
+                             steps.linear, steps.mimi.length)  # fmt: skip
 
         self.flow = {n: cuda_graph(functools.partial(flow, n), flow_pool) for n in self.sizes}
         self.mimi = {n: cuda_graph(functools.partial(mimi, n), mimi_pool) for n in self.sizes}
@@ -1652,158 +1727,544 @@ class StepGraphs:
         return audio[:n]
 
 
-class BatchScheduler:
-    """Owns the model: every active sentence advances by one batched step per tick.
+def text_options(model) -> tuple:
+    """pocket-tts's text preparation options, as its generate_audio_stream passes them."""
+    return (model.pad_with_spaces_for_short_inputs, model.remove_semicolons,
+            model.append_terminal_punctuation, model.capitalize_first_letter,
+            model.replace_characters)  # fmt: skip
 
-    Each tick runs one FlowLM step for all rows while Mimi decodes the previous tick's latents
-    on a second thread (pocket-tts overlaps them the same way), then sentences join (their
-    prefix computed on the request's thread) and leave (finished, stopped) between ticks. Rows
-    live in slots 0..n-1, so a step works on views, never on copies; a leaving row's slot is
-    refilled by the last one. Per-stream KV regions keep every stream at its own positions, so a
-    stream's audio does not depend on what else is batched. On a GPU both steps replay as CUDA
-    graphs (`StepGraphs`).
+
+class PocketSteps:
+    """pocket-tts's TTSModel as batched steps over slots: all the scheduler knows of the model.
+
+    Slot i holds row i's state: its FlowLM KV region (voice prompt, text, frames), its Mimi KV
+    ring and Mimi's convolution states. `chunk` runs on request threads (the tokenizer only);
+    every other method runs on the scheduler's thread, `decode` on its Mimi thread while the
+    others wait. Another model plugs in by offering the same methods.
     """
 
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model):
         import torch
 
-        self.model, self.max_batch = model, max_batch
+        self.model = model
         self.device = next(model.flow_lm.parameters()).device
-        self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
         self.frame_seconds = 1.0 / model.config.mimi.frame_rate
+        self.min_frames_before_eos = model._MIN_FRAMES_BEFORE_EOS
+        self.prefill_batch = PREFILL_BATCH.get(self.device.type, PREFILL_BATCH["cpu"])
         self.mimi_steps = decoder_steps(model)
-        self.rows: list[Sentence] = []
-        self.joining: deque[Sentence] = deque()
-        self.lock = threading.Lock()
-        self.wake = threading.Event()
         # Regions are as long as a sentence can be from the start: growing them while streams
         # run copies them, and every stream stalls for it (measured: 1 s for 16 slots).
         length, frames = row_capacity(model)
         flow_layers = model.flow_lm.transformer.layers
         mimi_layers = model.mimi.decoder_transformer.transformer.layers
         self.flow = Regions(flow_layers, 1, length, self.device, torch.float32)
-        self.mimi = Regions(
-            mimi_layers, 1, mimi_positions(model, frames), self.device, torch.float32
-        )
+        self.mimi = Regions(mimi_layers, 1, mimi_positions(model, frames), self.device,
+                            torch.float32)  # fmt: skip
         self.linear = packed_linear(pack_linears([*flow_layers, *mimi_layers]))
-        self.mimi_blank = self._fresh_mimi_state(1)  # one stream's state at a sentence's start
-        self.mimi_state = self._fresh_mimi_state(1)
-        self.graphs: StepGraphs | None = None  # CUDA only: made by `calibrate`
+        self.mimi_blank = self.fresh_mimi_state(1)  # one stream's state at a sentence's start
+        self.mimi_state = self.fresh_mimi_state(1)
+        self.graphs: StepGraphs | None = None  # CUDA only: made by `prepare`
         self.regraph = False  # the graphs' arrays were reallocated: make them again when idle
-        self.measured: dict[int, tuple[float, float]] = {}  # size -> (tick s EMA, when last)
-        self.ticks: list | None = None  # (batch size, seconds) of each tick, while calibrating
-        self.calibrated: dict[int, float] = {}  # batch size -> median tick time at start-up
+
+    def slot_bytes(self) -> int:
+        """Memory of one slot: FlowLM and Mimi KV regions for the longest sentence."""
+        return (self.flow.nbytes + self.mimi.nbytes) // self.flow.slots
+
+    # -- request threads --------------------------------------------------------------------------
+
+    def chunks(self, text: str) -> list[Chunk]:
+        """What pocket-tts's generate_audio_stream makes of a text before generating it."""
+        from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
+        from pocket_tts.models.text_chunking import prepare_text_prompt, split_into_best_sentences
+
+        m, options = self.model, text_options(self.model)
+        tokenizer = m.flow_lm.conditioner.tokenizer
+        chunks = []
+        for part in split_into_best_sentences(tokenizer, text, MAX_TOKEN_PER_CHUNK, *options):
+            prepared, frames_after_guess = prepare_text_prompt(part, *options)
+            tokens = m.flow_lm.conditioner.prepare(prepared)
+            after = m.model_recommended_frames_after_eos
+            chunks.append(Chunk(part, tokens, m._estimate_max_gen_len(tokens.shape[1]),
+                                frames_after_guess + 2 if after is None else after))  # fmt: skip
+        return chunks
+
+    # -- the scheduler's thread -------------------------------------------------------------------
+
+    def prefill(self, rows: list[Sentence]) -> list[Prefix]:
+        """The rows' prefixes and first latents, in one batched pass (`prefill`)."""
+        jobs = [(row.voice_state, row.chunk.tokens, row.generator) for row in rows]
+        return [Prefix(*result) for result in prefill(self.model, jobs, self.linear)]
+
+    def place(self, slot: int, prefix: Prefix, frames: int):
+        """A prefilled row into `slot` (slots below it are in use), growing the arrays to fit."""
+        self._make_room(slot + 1, prefix.length + frames + 2, frames + 2)
+        self.flow.put(slot, prefix.caches, prefix.length)
+        self.mimi.starts[slot] = 0
+        for name, module in self.mimi_state.items():
+            for key, tensor in module.items():
+                tensor[slot] = self.mimi_blank[name][key][0]
+
+    def remove(self, slot: int, last: int):
+        """The row in `slot` leaves; the row in `last` (the highest in use) takes its place."""
+        if slot != last:
+            self.flow.move(last, slot)
+            self.mimi.move(last, slot)
+            for module in self.mimi_state.values():
+                for tensor in module.values():
+                    tensor[slot] = tensor[last]
+        self.flow.starts[last] = self.mimi.starts[last] = 0  # unused (graphs step it too)
+
+    def reset(self):
+        """No slot is in use (after a failure): every one back at position 0."""
+        self.flow.starts.zero_()
+        self.mimi.starts.zero_()
+
+    def step(self, latents: list, generators: list):
+        """One FlowLM step for rows 0..n-1: their next latents [n, 1, ldim] and EOS flags."""
+        import torch
+
+        n, inputs = len(latents), torch.cat(latents)
+        noise = streams_noise(self.model, generators)
+        if self.graphs is not None:
+            try:
+                out, eos = self.graphs.flow_step(inputs, noise, n)
+            except Exception:
+                self.drop_graphs()
+                raise
+        else:
+            regions, starts = self.flow.view(n)
+            out, eos = flow_step(self.model, inputs, regions, starts, noise, self.linear)
+        self.flow.starts[:n] += 1
+        return out, eos.tolist()
+
+    def decode(self, latents: list) -> np.ndarray:
+        """Mimi decodes rows 0..n-1's latents: float32 audio [n, samples] (the Mimi thread)."""
+        import torch
+
+        n, inputs = len(latents), torch.cat(latents)
+        with torch.no_grad():  # grad mode is per thread
+            if self.graphs is not None:
+                audio = self.graphs.mimi_step(inputs, n)
+            else:
+                regions, starts = self.mimi.view(n)
+                audio = mimi_step(self.model, inputs, self.mimi_state, regions, starts,
+                                  self.linear)  # fmt: skip
+        self.mimi.starts[:n] += self.mimi_steps
+        return audio.float().cpu().numpy()
+
+    def prepare(self, slots: int):
+        """Before calibration: on a GPU, arrays for `slots` rows and their CUDA graphs."""
+        if self.device.type == "cuda":
+            self._make_room(slots, self.flow.length, row_capacity(self.model)[1])
+            self.make_graphs()
+
+    def idle(self):
+        """Nothing runs: the moment to make graphs again after a reallocation."""
+        if self.regraph:
+            self.make_graphs()
+
+    def make_graphs(self):
+        """Capture the steps (StepGraphs); where this torch cannot, steps stay eager."""
+        self.regraph, self.graphs = False, None
+        started = time.monotonic()
+        try:
+            graphs = StepGraphs(self)
+        except RuntimeError:
+            logger.warning("CUDA graphs could not be made: each step launches its kernels one by "
+                           "one (slower)", exc_info=True)  # fmt: skip
+            return
+        self.graphs = graphs
+        logger.info("CUDA graphs for %d batch sizes made in %.1f s",
+                    len(graphs.sizes), time.monotonic() - started)  # fmt: skip
+
+    def drop_graphs(self):
+        """A replay failed: steps stay eager from now on (a second failure would fail again)."""
+        logger.warning("a CUDA graph replay failed: steps run eagerly from now on")
+        self.graphs, self.regraph = None, False
+
+    def fresh_mimi_state(self, slots: int):
+        """Mimi's convolution states for `slots` streams (its attention runs on Regions)."""
+        from pocket_tts.modules.stateful_module import init_states
+
+        state = init_states(self.model.mimi, batch_size=slots, sequence_length=1)
+        return {name: module for name, module in state.items() if "cache" not in module}
+
+    def _make_room(self, slots: int, length: int, frames: int):
+        """Grow the slot arrays (doubling) and the regions' length to fit."""
+        mimi_length, capacity = mimi_positions(self.model, frames), self.flow.slots
+        if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
+            return
+        if slots > capacity:
+            capacity = max(slots, 2 * capacity)
+        used = slots - 1
+        if self.graphs is not None:  # they read the old arrays; eager steps until made again
+            self.graphs, self.regraph = None, True
+        self.flow = self.flow.grown(capacity, max(length, self.flow.length), used)
+        self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length), used)
+        bigger = self.fresh_mimi_state(capacity)
+        for name, module in self.mimi_state.items():
+            for key, tensor in module.items():
+                bigger[name][key][:used] = tensor[:used]
+        self.mimi_state = bigger
+
+
+def pocket_steps(model) -> PocketSteps | None:
+    """The batched steps of a pocket-tts model; None (one stream per request) where its
+    internals changed."""
+    missing = check_internals(model)
+    if missing:
+        logger.warning("pocket-tts internals changed (%s): generating one stream at a time per "
+                       "request, without batching", ", ".join(missing))  # fmt: skip
+        return None
+    return PocketSteps(model)
+
+
+# -- admission ----------------------------------------------------------------------------------
+
+
+class Capacity:
+    """How many streams the batch keeps faster than real time: a smoothed, hysteretic estimate.
+
+    A step's expected time is the one calibrated at start-up for that batch size, times a load
+    factor: the smoothed ratio of measured ticks (prefill passes and a busy machine included) to
+    their calibrated time. The capacity is the largest batch whose expected step, times the
+    margin, fits in a frame. It drops as soon as the current batch no longer fits, and rises only
+    when one more stream fits with HYSTERESIS to spare, so noisy ticks never make it swing.
+    Written by the scheduler's thread; read anywhere (a read sees one whole value).
+    """
+
+    def __init__(self, frame_seconds: float, margin: float, max_batch: int):
+        self.frame_seconds, self.margin, self.max_batch = frame_seconds, margin, max_batch
+        self.calibrated: dict[int, float] = {}  # batch size -> seconds (replaced, never edited)
+        self.load = 1.0
+        self.value = max_batch
+
+    def calibrate(self, table: dict[int, float]):
+        self.calibrated, self.load = dict(table), 1.0
+        self.value = 1
+        self._settle(spare=1.0)
+
+    def expected(self, streams: int) -> float | None:
+        """The expected step time of a batch of `streams` (None: nothing measured)."""
+        seconds = estimate_step(self.calibrated, streams)
+        return None if seconds is None else seconds * self.load
+
+    def fits(self, streams: int, spare: float = 1.0) -> bool:
+        seconds = self.expected(streams)
+        return (
+            self.margin <= 0
+            or seconds is None
+            or (seconds * self.margin * spare <= self.frame_seconds)
+        )
+
+    def observe(self, streams: int, seconds: float):
+        """A tick of `streams` rows took `seconds`: update the load, then the capacity."""
+        calibrated = estimate_step(self.calibrated, streams)
+        if not calibrated:
+            return
+        ratio = min(max(seconds / calibrated, 1 / MAX_LOAD), MAX_LOAD)
+        self.load += LOAD_SMOOTHING * (ratio - self.load)
+        self._settle(spare=1.0 + HYSTERESIS)
+
+    def _settle(self, spare: float):
+        value = self.value
+        while value > 1 and not self.fits(value):
+            value -= 1
+        while value < self.max_batch and self.fits(value + 1, spare):
+            value += 1
+        self.value = value
+
+
+class Busy(Exception):
+    """No place for this request: the queue is full (429) or the wait timed out (503)."""
+
+    def __init__(self, status: int, message: str, retry_after: int):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited or was being served."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request waiting in the queue for a place."""
+
+    granted: bool = False
+
+
+class Admission:
+    """Places among the streams: at most `capacity.value` at once, the rest wait in FIFO order.
+
+    A request takes a place (`acquire`) for as long as it generates. When a place frees, the
+    oldest waiting request gets it at once; at most `max_queue` wait, for `queue_timeout` at
+    most, and the rest are told when to retry (Busy, with Retry-After).
+    """
+
+    def __init__(self, capacity: Capacity, max_queue: int, queue_timeout: float):
+        self.capacity, self.max_queue, self.queue_timeout = capacity, max_queue, queue_timeout
+        self.changed = threading.Condition()
+        self.queue: deque[Ticket] = deque()
+        self.active = 0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
+
+    def acquire(self, cancelled=None):
+        """Wait in the queue for a place; return the (idempotent) release function."""
+        deadline = time.monotonic() + self.queue_timeout
+        with self.changed:
+            self._grant()
+            if self.queue or self.active >= self.capacity.value:
+                self._wait(Ticket(), deadline, cancelled)
+            else:
+                self.active += 1
+        released = threading.Event()
+
+        def release():
+            with self.changed:
+                if not released.is_set():
+                    released.set()
+                    self.active -= 1
+                    self._grant()
+
+        return release
+
+    def _wait(self, ticket: Ticket, deadline: float, cancelled):
+        """Queue `ticket` until a place is granted to it (under `changed`)."""
+        if len(self.queue) >= self.max_queue:
+            message = "The server is busy: too many requests are queued. Retry later."
+            raise Busy(429, message, self.retry_after(len(self.queue) + 1))
+        self.queue.append(ticket)
+        try:
+            while not ticket.granted:
+                if cancelled is not None and cancelled():
+                    raise ClientGone
+                if time.monotonic() > deadline:
+                    position = self.queue.index(ticket) + 1
+                    raise Busy(503, "No stream became free in time.", self.retry_after(position))
+                self.changed.wait(0.25)  # a release notifies at once; capacity may have grown
+                self._grant()
+        except BaseException:
+            if ticket.granted:  # granted just as it gave up: pass the place on
+                self.active -= 1
+                self._grant()
+            else:
+                self.queue.remove(ticket)
+            raise
+
+    def _grant(self):
+        """Free places to the oldest waiting requests (under `changed`)."""
+        while self.queue and self.active < self.capacity.value:
+            self.queue.popleft().granted = True
+            self.active += 1
+            self.changed.notify_all()
+
+    def finished(self, audio_seconds: float, wall_seconds: float):
+        """A request's generation ended: its duration feeds Retry-After and recent_rtf."""
+        self.recent.append((audio_seconds, wall_seconds))
+
+    def retry_after(self, position: int) -> int:
+        """Seconds until the request at queue `position` (1: next) can expect a place: a place
+        frees every (typical request time / capacity) seconds."""
+        walls = [wall for _, wall in list(self.recent)] or [5.0]
+        per_place = sum(walls) / len(walls) / max(1, self.capacity.value)
+        return max(1, min(120, math.ceil(per_place * position)))
+
+    def stats(self) -> dict[str, Any]:
+        recent = list(self.recent)
+        audio, wall = sum(a for a, _ in recent), sum(w for _, w in recent)
+        with self.changed:
+            active, waiting, capacity = self.active, len(self.queue), self.capacity.value
+        return {
+            "active_streams": active,
+            "queue_depth": waiting,
+            "max_queue": self.max_queue,
+            "capacity": capacity,
+            "can_start": 0 if waiting else max(0, capacity - active),
+            "recent_rtf": round(audio / wall, 2) if wall > 0 else None,
+        }
+
+
+# -- the batch scheduler: the model's one owner --------------------------------------------------
+
+
+@dataclass(eq=False)
+class Decoding:
+    """Mimi decoding one tick's latents on its thread: the audio of `rows`, in slot order."""
+
+    future: concurrent.futures.Future
+    rows: list[Sentence]
+    delivered: bool = False
+
+
+class BatchScheduler:
+    """One thread owns the model: it prefills, steps, decodes, joins and leaves rows.
+
+    Request threads only `submit` a Sentence and read its audio (`audio`). Each tick, one FlowLM
+    step advances every row while Mimi decodes the previous tick's latents on a second thread
+    (pocket-tts overlaps them the same way); then finished and stopped rows leave, and waiting
+    sentences are prefilled in one batched pass and join. Rows live in slots 0..n-1, so a step
+    works on views, never on copies; a leaving row's slot is refilled by the last one. Whatever
+    raises, the rows it concerns receive the error and the rest goes on: a failed prefill fails
+    only its own rows (a pass is retried row by row), a failed tick or decoding fails the
+    batch that was in it, and the next sentence starts afresh.
+    """
+
+    def __init__(self, steps, capacity: Capacity, max_batch: int, admitted=lambda: 0):
+        import torch
+
+        self.steps, self.capacity, self.max_batch = steps, capacity, max_batch
+        self.admitted = admitted  # how many requests hold a place (they may submit soon)
+        self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
+        self.rows: list[Sentence] = []
+        self.jobs: deque[Sentence] = deque()  # submitted, waiting for their prefill
+        self.calls: deque[tuple[Any, concurrent.futures.Future]] = deque()  # run between ticks
+        self.lock = threading.Lock()  # guards jobs and calls
+        self.wake = threading.Event()
+        self.running = True
+        self.tick_seconds: float | None = None  # smoothed, for /health
+        self.calibrating: list[tuple[int, float]] | None = None  # (rows, seconds) of plain ticks
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mimi")
         self.thread = threading.Thread(target=self._run, name="batch", daemon=True)
         self.thread.start()
 
     # -- requests' side ---------------------------------------------------------------------------
 
-    def submit_all(self, sentences: list[Sentence]):
-        """Sentences that join at the same tick."""
+    def submit(self, *rows: Sentence):
+        """Queue sentences for their prefill (together: one pass); they join at the next tick."""
         with self.lock:
-            self.joining.extend(sentences)
+            if not self.running:
+                raise GenerationFailed("the server is shutting down")
+            self.jobs.extend(rows)
         self.wake.set()
 
-    def headroom(self, streams: int) -> float:
-        """Real-time factor a batch of `streams` is expected to keep (>1: faster than real time)."""
-        seconds = self.step_estimate(streams)
-        return math.inf if seconds is None else self.frame_seconds / seconds
+    def audio(self, row: Sentence) -> Iterator[np.ndarray]:
+        """The submitted row's audio as Mimi decodes it; its error, raised; an error if the
+        scheduler's thread is gone. Stopping early abandons the row."""
+        try:
+            while True:
+                try:
+                    item = row.audio.get(timeout=1.0)
+                except queue.Empty:
+                    if not self.thread.is_alive():
+                        raise GenerationFailed("the batch scheduler stopped") from None
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise GenerationFailed(f"generation failed: {item}") from item
+                yield item
+        finally:
+            row.abandoned = True
 
-    def step_estimate(self, streams: int) -> float | None:
-        """A batch's step time, from recent measurements, else the start-up calibration.
+    def call(self, fn):
+        """Run `fn()` on the scheduler's thread between ticks; return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            self.calls.append((fn, future))
+        self.wake.set()
+        return future.result()
 
-        A measurement is trusted for STEP_MEMORY_SECONDS: a size that ran slowly once (a busy
-        machine) and so is no longer admitted falls back to its calibrated time, not forever.
-        """
-        now = time.monotonic()
-        recent = {n: t for n, (t, at) in self.measured.items() if now - at < STEP_MEMORY_SECONDS}
-        return estimate_step(self.calibrated | recent, streams)
-
-    def calibrate(self, sentence, frames: int = 6):
+    def calibrate(self, make_row, frames: int = 6):
         """Measure the step at batch sizes 1, 2, 4, ... up to max_batch, through the loop itself.
 
-        `sentence()` makes a short Sentence. Admission starts from these measurements, not from
-        guesses; it stops at the first size slower than real time (none would be admitted).
-        On a GPU, the slot arrays are first made as large as max_batch and the steps captured
-        as CUDA graphs, so that calibration measures what will run.
+        `make_row(frames)` makes a short Sentence. Admission starts from these measurements; it
+        stops at the first size slower than real time (none would be admitted). On a GPU the
+        slot arrays are first made as large as max_batch and the steps captured as CUDA graphs,
+        so that calibration measures what will run.
         """
-        if self.device.type == "cuda":
-            self._make_room(self.max_batch, self.flow.length, row_capacity(self.model)[1])
-            self._make_graphs()
-        size = 1
+        self.call(functools.partial(self.steps.prepare, self.max_batch))
+        table, size = {}, 1
         while True:
-            try:
-                for _ in range(2):  # the first run grows the slot arrays: keep the second's
-                    self.ticks = ticks = []
-                    rows = [sentence(frames) for _ in range(size)]
-                    self.submit_all(rows)
+            for _ in range(2):  # the first run grows the slot arrays: keep the second's
+                self.calibrating = ticks = []
+                rows = [make_row(frames) for _ in range(size)]
+                try:
+                    self.submit(*rows)
                     for row in rows:
-                        while (audio := row.audio.get()) is not None:
-                            if isinstance(audio, Exception):
-                                raise audio
-            finally:
-                self.ticks = None  # ticks count as measurements again
+                        for _ in self.audio(row):
+                            pass
+                finally:
+                    self.calibrating = None
             full = sorted(seconds for streams, seconds in ticks if streams == size)
             if full:  # the median: one slow tick (a busy machine) must not decide for good
-                self.calibrated[size] = full[len(full) // 2]
-            if size >= self.max_batch or self.headroom(size) < 1.0:
+                table[size] = full[len(full) // 2]
+            self.capacity.calibrate(table)
+            if size >= self.max_batch or not self.capacity.fits(size):
                 return
             size = min(2 * size, self.max_batch)
+
+    def stats(self) -> dict[str, Any]:
+        """Batch size, step time and real-time headroom, for /health."""
+        seconds = self.tick_seconds if self.rows else None
+        expected = self.capacity.expected(max(1, len(self.rows)))
+        return {
+            "batch_size": len(self.rows),
+            "step_ms": round(seconds * 1000, 1) if seconds else None,
+            "realtime_headroom": round(self.steps.frame_seconds / seconds, 2) if seconds else None,
+            "expected_step_ms": round(expected * 1000, 1) if expected else None,
+        }
+
+    def close(self):
+        """Stop the thread (rows still in the batch get an error) and the Mimi thread."""
+        with self.lock:
+            self.running = False
+        self.wake.set()
+        self.thread.join(timeout=10)
+        self.decoder.shutdown(wait=True)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def _run(self):
         import torch
 
-        decoding = None  # (future of audio [n, samples], the rows it belongs to)
+        decoding: Decoding | None = None
         with torch.no_grad():
-            while True:
-                if not self.rows and decoding is None and not self.joining:
-                    if self.regraph:
-                        self._make_graphs()
-                    self.wake.wait()
-                    self.wake.clear()
-                    continue
-                previous = decoding
+            while self.running:
                 try:
-                    decoding = self._tick(decoding)
-                except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
+                    decoding = self._turn(decoding)
+                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
                     logger.exception("batched generation failed")
-                    if previous is not None:  # let Mimi finish with the slots before reuse
-                        concurrent.futures.wait([previous[0]])
+                    self._fail_batch(decoding, exc)
                     decoding = None
-                    for row in self.rows:
-                        row.audio.put(exc)
-                    self.rows.clear()
-                    self.flow.starts.zero_()  # no slot is in use (graphs step them all)
-                    self.mimi.starts.zero_()
+        self._fail_batch(decoding, GenerationFailed("the server is shutting down"))
+        with self.lock:
+            left, self.jobs = list(self.jobs), deque()
+        for row in left:
+            row.fail(GenerationFailed("the server is shutting down"))
 
-    def _tick(self, decoding):
-        """One FlowLM step for every row (Mimi decodes the last tick meanwhile), then leave/join."""
-        import torch
+    def _turn(self, decoding: Decoding | None) -> Decoding | None:
+        """One turn of the loop: calls, then a tick, or (nothing to do) a wait."""
+        self._run_calls()
+        if self.rows or decoding is not None or self.jobs:
+            return self._tick(decoding)
+        self.steps.idle()
+        self.wake.wait()
+        self.wake.clear()
+        return None
 
+    def _tick(self, decoding: Decoding | None) -> Decoding | None:
+        """One FlowLM step for every row (Mimi decodes the last tick meanwhile), then rows leave,
+        waiting ones are prefilled and join, and Mimi starts on this tick's latents."""
         started = time.monotonic()
-        latents = eos = None
         n = len(self.rows)
+        latents, eos = None, []
         if n:
-            inputs = torch.cat([r.latent for r in self.rows])
-            noise = streams_noise(self.model, [r.generator for r in self.rows])
-            if self.graphs is not None:
-                latents, eos = self.graphs.flow_step(inputs, noise, n)
-            else:
-                regions, starts = self.flow.view(n)
-                latents, eos = flow_step(self.model, inputs, regions, starts, noise, self.linear)
-            self.flow.starts[:n] += 1
+            rows = self.rows
+            latents, eos = self.steps.step([r.latent for r in rows], [r.generator for r in rows])
         if decoding is not None:
-            self._deliver(*decoding)  # Mimi ran while FlowLM stepped
-        emitted = self._advance(latents, eos.tolist() if n else [])
-        if n:
-            self._record(n, time.monotonic() - started)
+            self._deliver(decoding)  # Mimi ran while FlowLM stepped
+        emitted = self._advance(latents, eos)
         self._leave(emitted)
-        self._join()  # before Mimi starts: joining may reallocate the slot arrays
+        joined = self._join()
+        if n:
+            self._record(n, time.monotonic() - started, joined)
+        if not self.rows:
+            return None
         # Every row now has a latent to decode: this step's, or (joined) its prefill's first.
-        return self._decode(len(self.rows)) if self.rows else None
+        rows = list(self.rows)
+        future = self.decoder.submit(self.steps.decode, [row.latent for row in rows])
+        return Decoding(future, rows)
 
     def _advance(self, latents, eos: list[bool]) -> list[Sentence]:
         """The step's latents to their rows; the rows whose latent is audio to decode."""
@@ -1811,42 +2272,19 @@ class BatchScheduler:
         for i, row in enumerate(self.rows):
             if row.finished:
                 continue
-            if row.stop.is_set():
+            if row.stopped:
                 row.finished = True
                 continue
-            if row.advance(latents[i : i + 1], eos[i], self.model._MIN_FRAMES_BEFORE_EOS):
+            if row.advance(latents[i : i + 1], eos[i], self.steps.min_frames_before_eos):
                 emitted.append(row)
         return emitted
 
-    def _decode(self, n: int):
-        """Start Mimi on the latents of rows 0..n-1 (all emitted one this tick), on its thread."""
-        import torch
-
-        latents = torch.cat([row.latent for row in self.rows[:n]])
-        state, graphs, (regions, starts) = self.mimi_state, self.graphs, self.mimi.view(n)
-
-        def decode():
-            with torch.no_grad():  # grad mode is per thread
-                if graphs is not None:
-                    audio = graphs.mimi_step(latents, n)
-                else:
-                    audio = mimi_step(self.model, latents, state, regions, starts, self.linear)
-            starts[:n] += self.mimi_steps
-            return audio.float().cpu().numpy()
-
-        return self.decoder.submit(decode), self.rows[:n]
-
-    def _deliver(self, future, rows: list[Sentence]):
-        try:
-            audio = future.result()
-        except Exception as exc:  # noqa: BLE001 - the rows' requests report it
-            logger.exception("batched decoding failed")
-            for row in rows:
-                row.finished = True
-                row.audio.put(exc)
-            return
-        for i, row in enumerate(rows):
-            if not row.stop.is_set():
+    def _deliver(self, decoding: Decoding):
+        """The decoded audio to its rows (waiting for Mimi); a decoding error raises."""
+        audio = decoding.future.result()
+        decoding.delivered = True
+        for i, row in enumerate(decoding.rows):
+            if not row.stopped:
                 row.audio.put(audio[i])
 
     def _leave(self, emitted: list[Sentence]):
@@ -1862,117 +2300,119 @@ class BatchScheduler:
                 i += 1
                 continue
             last = len(self.rows) - 1
-            if i != last:
-                self.flow.move(last, i)
-                self.mimi.move(last, i)
-                for module in self.mimi_state.values():
-                    for tensor in module.values():
-                        tensor[i] = tensor[last]
-                self.rows[i] = self.rows[last]
+            self.steps.remove(i, last)
+            self.rows[i] = self.rows[last]
             self.rows.pop()
-            self.flow.starts[last] = self.mimi.starts[last] = 0  # unused (graphs step it too)
             row.audio.put(None)
 
-    def _join(self):
-        """Waiting sentences join: their prefixes (computed already) are copied into slots."""
-        while True:
-            with self.lock:
-                if not self.joining:
-                    return
-                row = self.joining.popleft()
-            if row.stop.is_set() or row.latent is None:  # stopped, or over at its first step
-                row.audio.put(None)
+    def _join(self) -> bool:
+        """Waiting sentences are prefilled in one pass and take the next slots; whether any did.
+
+        Each row is on its own from its prefill on: whatever fails, fails it alone."""
+        rows = [row for row in self._take_jobs(self.steps.prefill_batch) if self._wanted(row)]
+        if not rows:
+            return False
+        for row, prefix in self._prefill(rows):
+            try:
+                if not row.advance(prefix.latent, prefix.eos, self.steps.min_frames_before_eos):
+                    row.audio.put(None)  # over at its first step
+                    continue
+                self.steps.place(len(self.rows), prefix, row.chunk.max_frames)
+            except Exception as exc:  # noqa: BLE001 - this row's error (a state too large?)
+                logger.exception("a prefilled row could not join the batch")
+                row.fail(exc)
                 continue
-            caches, length = row.prefix, row.length
-            row.prefix = []  # the slot holds it from now on
-            slot = len(self.rows)
-            self._make_room(slot + 1, length + row.max_frames + 2, row.max_frames + 2)
-            self.flow.put(slot, caches, length)
-            self.mimi.starts[slot] = 0
-            for name, module in self.mimi_state.items():
-                for key, tensor in module.items():
-                    tensor[slot] = self.mimi_blank[name][key][0]
             self.rows.append(row)
+        return True
 
-    def _make_room(self, slots: int, length: int, frames: int):
-        """Grow the slot arrays (doubling) and the regions' length to fit."""
-        mimi_length, capacity = mimi_positions(self.model, frames), self.flow.slots
-        if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
-            return
-        if slots > capacity:
-            capacity = max(slots, 2 * capacity)
-        used = len(self.rows)
-        if self.graphs is not None:  # they read the old arrays; eager steps until made again
-            self.graphs, self.regraph = None, True
-        self.flow = self.flow.grown(capacity, max(length, self.flow.length), used)
-        self.mimi = self.mimi.grown(capacity, max(mimi_length, self.mimi.length), used)
-        bigger = self._fresh_mimi_state(capacity)
-        for name, module in self.mimi_state.items():
-            for key, tensor in module.items():
-                bigger[name][key][:used] = tensor[:used]
-        self.mimi_state = bigger
+    def _wanted(self, row: Sentence) -> bool:
+        if row.stopped:
+            row.audio.put(None)
+        return not row.stopped
 
-    def _make_graphs(self):
-        """Capture the steps (StepGraphs); where this torch cannot, steps stay eager."""
-        self.regraph, self.graphs = False, None
-        started = time.monotonic()
+    def _take_jobs(self, most: int) -> list[Sentence]:
+        """Up to `most` waiting sentences, in arrival order. With nobody speaking, first wait
+        (PREFILL_GATHER_SECONDS at most) for requests admitted a moment ago that have yet to
+        submit theirs, so that requests arriving together share one pass."""
+        if not self.rows:
+            deadline = time.monotonic() + PREFILL_GATHER_SECONDS
+            while len(self.jobs) < most and time.monotonic() < deadline:
+                if self.admitted() <= len(self.jobs):  # each request has one sentence at a time
+                    break
+                time.sleep(0.002)
+        with self.lock:
+            return [self.jobs.popleft() for _ in range(min(most, len(self.jobs)))]
+
+    def _prefill(self, rows: list[Sentence]) -> list[tuple[Sentence, Prefix]]:
+        """The rows' prefixes, in one pass with every core; a failed pass is retried row by
+        row, so that one bad input fails only itself."""
+        import torch
+
+        # torch's thread count is this thread's own (and the default of threads yet to start),
+        # so it is set back at once. Mimi is idle now: the pass may use every core.
+        torch.set_num_threads(max(1, min(MAX_PREFILL_THREADS, usable_cores())))
         try:
-            graphs = StepGraphs(self)
-        except RuntimeError:
-            logger.warning("CUDA graphs could not be made: each step launches its kernels one by "
-                           "one (slower)", exc_info=True)  # fmt: skip
+            try:
+                return list(zip(rows, self.steps.prefill(rows), strict=True))
+            except Exception as exc:  # noqa: BLE001 - retried alone, below
+                if len(rows) == 1:
+                    logger.exception("prefill failed")
+                    rows[0].fail(exc)
+                    return []
+            done = []
+            for row in rows:
+                try:
+                    done += list(zip([row], self.steps.prefill([row]), strict=True))
+                except Exception as exc:  # noqa: BLE001 - this row's own error
+                    logger.exception("prefill failed")
+                    row.fail(exc)
+            return done
+        finally:
+            torch.set_num_threads(self.torch_threads)
+
+    def _fail_batch(self, decoding: Decoding | None, exc: Exception):
+        """After a failed tick: audio already decoded goes out, then every row in the batch
+        receives the error and its slot is freed."""
+        if decoding is not None and not decoding.delivered:
+            with contextlib.suppress(Exception):
+                self._deliver(decoding)
+        for row in self.rows:
+            row.fail(exc)
+        self.rows.clear()
+        with contextlib.suppress(Exception):
+            self.steps.reset()
+
+    def _run_calls(self):
+        with self.lock:
+            calls, self.calls = list(self.calls), deque()
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - the caller raises it
+                future.set_exception(exc)
+
+    def _record(self, streams: int, seconds: float, joined: bool):
+        if self.calibrating is not None:
+            if not joined:
+                self.calibrating.append((streams, seconds))
             return
-        self.graphs = graphs
-        logger.info("CUDA graphs for %d batch sizes made in %.1f s",
-                    len(graphs.sizes), time.monotonic() - started)  # fmt: skip
-
-    def _fresh_mimi_state(self, slots: int):
-        """Mimi's convolution states for `slots` streams (its attention runs on Regions)."""
-        from pocket_tts.modules.stateful_module import init_states
-
-        state = init_states(self.model.mimi, batch_size=slots, sequence_length=1)
-        return {name: module for name, module in state.items() if "cache" not in module}
-
-    def stats(self) -> dict[str, Any]:
-        """Batch size, step time and real-time headroom, for /health."""
-        streams = len(self.rows)
-        seconds = self.measured.get(streams, (None,))[0] if streams else None
-        return {
-            "batch_size": streams,
-            "step_ms": round(seconds * 1000, 1) if seconds else None,
-            "realtime_headroom": round(self.frame_seconds / seconds, 2) if seconds else None,
-        }
-
-    def _record(self, streams: int, seconds: float):
-        if self.ticks is not None:  # calibrating
-            self.ticks.append((streams, seconds))
-            return
-        old = self.measured.get(streams)
-        ema = seconds if old is None else 0.9 * old[0] + 0.1 * seconds
-        self.measured[streams] = (ema, time.monotonic())
+        old = self.tick_seconds
+        self.tick_seconds = seconds if old is None else old + LOAD_SMOOTHING * (seconds - old)
+        self.capacity.observe(streams, seconds)
 
 
-class Busy(Exception):
-    """No worker for this request: the queue is full (429) or the wait timed out (503)."""
-
-    def __init__(self, status: int, message: str, retry_after: int):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
-
-
-class ClientGone(Exception):
-    """The client hung up while its request waited or was being served."""
+# -- the Engine: what HTTP, Wyoming and other protocols call --------------------------------------
 
 
 class Engine:
-    """The only owner of the model: voice states, admission, and audio generation.
+    """Voices, admission and audio: the one API that protocols use.
 
-    A request first takes a place among the streams (`acquire`): streams are admitted while the
-    batch still runs faster than real time (and at most `max_batch`), at most `max_queue`
-    requests wait, and the rest are told to retry (Busy). `generate` then yields float32 mono
-    numpy chunks at `sample_rate` as the model produces them, and stops early once `stop` is
-    set. With a pocket-tts TTSModel every stream's sentences are rows of the BatchScheduler;
-    any other model (the tests' stub) runs its own `generate_audio_stream` per request.
+    A request takes a place (`acquire`), then `speak` yields float32 mono numpy chunks at
+    `sample_rate` as the model produces them, stopping early once `stop` is set. With batched
+    steps (`PocketSteps`) every sentence is a row of the BatchScheduler, which alone touches
+    the model's state; a pocket-tts whose internals changed runs its own generate_audio_stream
+    per request instead. Voice encoding runs on the request's thread, one at a time: it reads
+    the weights only.
     """
 
     def __init__(
@@ -1984,96 +2424,54 @@ class Engine:
         queue_timeout: float = 60.0,
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
         realtime_margin: float = 1.1,
+        steps=None,
     ):
         self.model = model
         if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
             model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
-        missing = check_internals(model)
-        if missing and type(model).__name__ == "TTSModel":
-            logger.warning("pocket-tts internals changed (%s): generating one stream at a time "
-                           "per request, without batching", ", ".join(missing))  # fmt: skip
-        self.scheduler = None if missing else BatchScheduler(model, max_batch)
-        device = self.scheduler.device.type if self.scheduler else "cpu"
-        self.prefill_batch = PREFILL_BATCH.get(device, PREFILL_BATCH["cpu"])
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.cache = cache or LatentCache(None)
         self.remote = RemoteVoices()
-        self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
-        self.realtime_margin = realtime_margin
+        self.max_batch = max_batch
         self.max_reference_seconds = max_reference_seconds
-        self._counts = threading.Condition()
+        self.capacity = Capacity(1.0 / self.frame_rate, realtime_margin, max_batch)
+        self.admission = Admission(self.capacity, max_queue, queue_timeout)
+        self.steps = steps
+        self.scheduler = None
+        if steps is not None:
+            self.scheduler = BatchScheduler(steps, self.capacity, max_batch,
+                                            lambda: self.admission.active)  # fmt: skip
         self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
-        self._prefilling = threading.Lock()  # one prefill pass at a time
-        self._prefills: list[dict] = []  # jobs waiting for a pass, in arrival order
-        self.waiting = self.active = 0
-        # Admitted requests are streaming a sentence, waiting for its prefix, or about to ask.
-        self.streaming = self.prefilling = 0
-        self._recent: deque[tuple[float, float]] = deque(maxlen=32)  # (audio s, wall s) per job
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
 
-    # -- scheduling -------------------------------------------------------------------------------
+    # -- places -----------------------------------------------------------------------------------
 
     def acquire(self, cancelled=None):
-        """Wait in the bounded queue for a place; return the (idempotent) release function."""
-        deadline = time.monotonic() + self.queue_timeout
-        with self._counts:
-            if self.waiting >= self.max_queue and not self.admits():
-                message = "The server is busy: too many requests are queued. Retry later."
-                raise Busy(429, message, self.retry_after())
-            self.waiting += 1
-            try:
-                while not self.admits():
-                    if cancelled is not None and cancelled():
-                        raise ClientGone
-                    if time.monotonic() > deadline:
-                        raise Busy(503, "No stream became free in time.", self.retry_after())
-                    self._counts.wait(0.25)  # a release notifies at once
-            finally:
-                self.waiting -= 1
-            self.active += 1
-        released = threading.Event()
+        """Wait in the FIFO queue for a place; return the (idempotent) release function."""
+        return self.admission.acquire(cancelled)
 
-        def release():
-            with self._counts:
-                if not released.is_set():
-                    released.set()
-                    self.active -= 1
-                    self._counts.notify_all()
+    @property
+    def active(self) -> int:
+        return self.admission.active
 
-        return release
-
-    def admits(self) -> bool:
-        """Whether one more stream fits: under max_batch and, batched, still faster than real
-        time with a margin by the step times measured so far."""
-        if self.active >= self.max_batch:
-            return False
-        if self.scheduler is None or self.active == 0:
-            return True
-        return self.scheduler.headroom(self.active + 1) >= self.realtime_margin
-
-    def retry_after(self) -> int:
-        """Seconds until a queued request can expect a worker, from recent job durations."""
-        walls = [wall for _, wall in list(self._recent)] or [5.0]
-        per_job = sum(walls) / len(walls)
-        return max(1, min(120, math.ceil(per_job * (self.waiting + 1) / max(1, self.active))))
+    @property
+    def waiting(self) -> int:
+        return len(self.admission.queue)
 
     def stats(self) -> dict[str, Any]:
         """Queue and throughput numbers for /health."""
-        recent = list(self._recent)
-        audio, wall = sum(a for a, _ in recent), sum(w for _, w in recent)
-        stats = {
-            "batched": self.scheduler is not None,
-            "max_batch": self.max_batch,
-            "active_streams": self.active,
-            "queue_depth": self.waiting,
-            "max_queue": self.max_queue,
-            "recent_rtf": round(audio / wall, 2) if wall > 0 else None,
-        }
+        stats = {"batched": self.scheduler is not None, "max_batch": self.max_batch}
+        stats.update(self.admission.stats())
         if self.scheduler is not None:
             stats.update(self.scheduler.stats())
         return stats
+
+    def close(self):
+        """Stop the scheduler's threads (at shutdown)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     # -- voices -----------------------------------------------------------------------------------
 
@@ -2164,18 +2562,12 @@ class Engine:
                 pass
         else:
             self.scheduler.calibrate(functools.partial(self._calibration_row, voice_state))
-        self._recent.clear()
+        self.admission.recent.clear()
 
     def _calibration_row(self, voice_state, frames: int) -> Sentence:
-        """A short row, its prefix computed here (calibration submits its rows together)."""
-        import torch
-
-        row, tokens = self._row("Hello.", threading.Event(), 0, max_frames=frames)
-        with torch.no_grad():
-            [result] = prefill(self.model, [(voice_state, tokens, row.generator)],
-                               self.scheduler.linear)  # fmt: skip
-        self._prefilled(row, result)
-        return row
+        [chunk] = self.steps.chunks("Hello.")
+        chunk.max_frames = frames
+        return self._row(chunk, voice_state, threading.Event(), 0)
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -2186,7 +2578,7 @@ class Engine:
 
         tokenizer = self.model.flow_lm.conditioner.tokenizer
         chunks = split_into_best_sentences(tokenizer, text, MAX_TOKEN_PER_CHUNK,
-                                           *self._text_options())  # fmt: skip
+                                           *text_options(self.model))  # fmt: skip
         return [piece for chunk in chunks for piece in self.fit(chunk, MAX_TOKEN_PER_CHUNK)]
 
     def fit(self, chunk: str, limit: int) -> list[str]:
@@ -2236,7 +2628,7 @@ class Engine:
                     yield audio
         finally:
             if samples:
-                self._recent.append((samples / self.sample_rate, time.monotonic() - started))
+                self.admission.finished(samples / self.sample_rate, time.monotonic() - started)
 
     def speak(self, script: list, voice_state, stop: threading.Event, seed: int | None = None):
         """Audio for a speech_script: text through `generate`, pauses as silence."""
@@ -2261,129 +2653,18 @@ class Engine:
             finally:
                 stream.close()
             return
-        from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
-        from pocket_tts.models.text_chunking import split_into_best_sentences
-
-        # What pocket-tts's generate_audio_stream does with a chunk, up to its generation.
-        tokenizer = self.model.flow_lm.conditioner.tokenizer
-        parts = split_into_best_sentences(tokenizer, sentence, MAX_TOKEN_PER_CHUNK,
-                                          *self._text_options())  # fmt: skip
-        for part in parts:
-            row, tokens = self._row(part, stop, seed)
-            self._prefill(row, voice_state, tokens)  # the row is in the batch, or soon will be
-            try:
-                while (audio := row.audio.get()) is not None:
-                    if isinstance(audio, Exception):
-                        raise audio
-                    yield audio
-            finally:
-                with self._counts:
-                    self.streaming -= 1
+        for chunk in self.steps.chunks(sentence):
+            row = self._row(chunk, voice_state, stop, seed)
+            self.scheduler.submit(row)
+            yield from self.scheduler.audio(row)
             seed += 7919
 
-    def _prefill(self, row: Sentence, voice_state, tokens):
-        """Have `row` prefilled (its prefix and first step); that pass puts it in the batch.
-
-        One pass at a time: its holder first gathers the requests about to ask (`_gather`),
-        then takes the waiting jobs in arrival order (`prefill_batch` at most per pass, until its
-        own is taken); a thread whose job another pass took returns at once. Batched, the matrix
-        products cost far less per row, so requests arriving together start speaking sooner
-        than after one prefill each, and their rows join the batch at the same tick.
-        """
-        job = {"row": row, "args": (voice_state, tokens), "taken": False}
-        with self._counts:
-            self._prefills.append(job)
-            self.prefilling += 1
-            self._counts.notify_all()  # a gathering pass takes this job too
-        while not job["taken"]:
-            with self._prefilling:
-                with self._counts:
-                    if job["taken"]:
-                        return
-                    self._gather()
-                    jobs = self._prefills[: self.prefill_batch]
-                    del self._prefills[: self.prefill_batch]
-                    for taken in jobs:
-                        taken["taken"] = True
-                self._prefill_pass(jobs)
-
-    def _prefill_pass(self, jobs: list[dict]):
-        """Compute the jobs' prefixes in one pass; their rows join the batch together (or each
-        receives the pass's error)."""
+    @staticmethod
+    def _row(chunk: Chunk, voice_state, stop, seed: int) -> Sentence:
         import torch
 
-        rows = [job["row"] for job in jobs]
-        # A prefill is compute-bound: it takes the cores the batch leaves (all of them when no
-        # one is speaking). torch's thread count is this thread's own (and the default of
-        # threads yet to start), so it is set back at once.
-        torch.set_num_threads(self._prefill_threads())
-        try:
-            with torch.no_grad():
-                results = prefill(self.model, [(*job["args"], job["row"].generator)
-                                               for job in jobs], self.scheduler.linear)  # fmt: skip
-            error = None
-        except Exception as exc:  # noqa: BLE001 - every row of the pass reports it
-            error = exc
-        finally:
-            torch.set_num_threads(self.scheduler.torch_threads)
-        with self._counts:  # one step, so that a gathering pass never counts them as arriving
-            self.prefilling -= len(rows)
-            self.streaming += len(rows)
-        if error is not None:
-            for row in rows:
-                row.audio.put(error)
-            return
-        for row, result in zip(rows, results, strict=True):
-            self._prefilled(row, result)
-        self.scheduler.submit_all(rows)
-
-    def _prefill_threads(self) -> int:
-        """Cores for a prefill pass: all it may use, less the batch's two threads if busy."""
-        busy = 2 if self.streaming else 0
-        return max(1, min(MAX_PREFILL_THREADS, usable_cores() - busy))
-
-    def _prefilled(self, row: Sentence, result):
-        """Give `row` its prefill's result: its prefix, and its first step's latent."""
-        row.prefix, row.length, latent, eos = result
-        row.advance(latent, eos, self.model._MIN_FRAMES_BEFORE_EOS)
-
-    def _gather(self):
-        """Wait (under `_counts`, PREFILL_GATHER_SECONDS at most) while admitted requests that
-        are neither streaming nor prefilling could still join this pass.
-
-        They were admitted a moment ago and are reading their text, or between two sentences
-        (or in a pause of their script, hence the time limit). A lone request never waits.
-        """
-        deadline = time.monotonic() + PREFILL_GATHER_SECONDS
-        while len(self._prefills) < self.prefill_batch:
-            arriving = self.active - self.streaming - self.prefilling
-            left = deadline - time.monotonic()
-            if arriving <= 0 or left <= 0:
-                return
-            self._counts.wait(left)
-
-    def _text_options(self) -> tuple:
-        m = self.model
-        return (m.pad_with_spaces_for_short_inputs, m.remove_semicolons,
-                m.append_terminal_punctuation, m.capitalize_first_letter,
-                m.replace_characters)  # fmt: skip
-
-    def _row(self, part: str, stop, seed: int, max_frames: int | None = None):
-        """A batch row for one chunk of text, and its tokens (its prefix is computed later)."""
-        import torch
-        from pocket_tts.models.text_chunking import prepare_text_prompt
-
-        m = self.model
-        text, frames_after_guess = prepare_text_prompt(part, *self._text_options())
-        tokens = m.flow_lm.conditioner.prepare(text)
-        frames_after = m.model_recommended_frames_after_eos
-        row = Sentence(
-            max_frames=max_frames or m._estimate_max_gen_len(tokens.shape[1]),
-            frames_after_eos=frames_after_guess + 2 if frames_after is None else frames_after,
-            generator=torch.Generator().manual_seed(seed % 2**63),
-            stop=stop,
-        )
-        return row, tokens
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        return Sentence(chunk, voice_state, generator, stop)
 
     def _faded(self, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """One chunk of text, faded in and out so that consecutive chunks join without clicks.
@@ -3573,67 +3854,33 @@ def user_dir(kind: str) -> Path:
     return Path(os.environ.get(env) or Path.home() / fallback) / SERVER_NAME
 
 
-def default_max_batch(model) -> int:
+def default_max_batch(steps) -> int:
     """Streams at most: batched, what a device holds; otherwise one generation per two cores.
 
     A batch slot holds the KV regions of the longest sentence, so the default also leaves half of
     the device's free memory to everything else (a small GPU gets fewer slots, not an OOM).
     """
-    if check_internals(model):
+    if steps is None:
         return max(1, usable_cores() // 2)
-    device = str(getattr(model, "device", "cpu"))
+    device = str(steps.device)
     wanted = 128 if device.startswith("cuda") else 16
     free = free_memory(device)
-    return wanted if free is None else max(1, min(wanted, free // 2 // slot_bytes(model)))
+    return wanted if free is None else max(1, min(wanted, free // 2 // steps.slot_bytes()))
 
 
-def slot_bytes(model) -> int:
-    """Memory of one batch slot: FlowLM and Mimi KV regions for the longest sentence (float32)."""
-    length, frames = row_capacity(model)
+def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
+    """Load (or take) the model, pre-encode the default voice, and assemble the application.
 
-    def per_position(layers) -> int:
-        return sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.dim_per_head * 4
-                   for layer in layers)  # fmt: skip
-
-    flow, mimi = model.flow_lm.transformer.layers, model.mimi.decoder_transformer.transformer.layers
-    return per_position(flow) * length + per_position(mimi) * mimi_positions(model, frames)
-
-
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2 or
-    v1), since threads beyond the quota only wait for it."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    for quota_file, period_file in (("cpu.max", None),
-                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):  # fmt: skip
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = (cgroup / quota_file).read_text().split()
-            period = fields[1] if period_file is None else (cgroup / period_file).read_text()
-            if fields[0] not in ("max", "-1"):
-                return max(1, min(cores or 1, int(fields[0]) // int(period)))
-    return cores or 1
-
-
-def free_memory(device: str) -> int | None:
-    """Free bytes on the device (CUDA), or available RAM (Linux); None where unknown."""
-    with contextlib.suppress(Exception):
-        if device.startswith("cuda"):
-            import torch
-
-            return torch.cuda.mem_get_info(torch.device(device))[0]
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def build_server(settings: Settings, model=None) -> SpeechServer:
-    """Load (or take) the model, pre-encode the default voice, and assemble the application."""
+    steps: the model's batched steps (by default `pocket_steps`: pocket-tts's, or None)."""
     model = load_model(settings) if model is None else model
+    steps = pocket_steps(model) if steps is None else steps
     cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
     fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
     latents = cache_root / "latents" / fingerprint
     voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
     remove_leftovers(latents, f".*{STATE_EXTENSION}.*")  # a kill -9 mid-write leaves these
     remove_leftovers(voices_dir, f"{UPLOAD_PREFIX}*")
-    settings.max_batch = settings.max_batch or default_max_batch(model)
+    settings.max_batch = settings.max_batch or default_max_batch(steps)
     engine = Engine(
         model,
         LatentCache(latents, settings.voice_cache_size),
@@ -3642,6 +3889,7 @@ def build_server(settings: Settings, model=None) -> SpeechServer:
         settings.queue_timeout,
         settings.max_reference_seconds,
         settings.realtime_margin,
+        steps,
     )
     voices = VoiceCatalog(
         builtin_voice_names(model),
@@ -3680,6 +3928,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: drain_then_exit(http, server, settings.drain_seconds))
     with contextlib.suppress(KeyboardInterrupt):
         http.run()
+    http.close()
+    server.engine.close()
     return 0
 
 

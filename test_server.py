@@ -207,6 +207,77 @@ class StubModel:
             self.stopped.append(stop is not None and stop.is_set())
 
 
+class StubSteps:
+    """srv.PocketSteps's interface for StubModel, so that route tests run through the production
+    BatchScheduler and Admission. A latent is a frame index; a slot decodes frame k of its
+    voice's sine. `stub.generated` records every chunk prefilled, `stub.stopped` whether each
+    row that left the batch had been cut short."""
+
+    device = "cpu"
+    frame_seconds = 1920 / SR
+    min_frames_before_eos = 0
+    prefill_batch = 4
+
+    def __init__(self, model: StubModel):
+        self.model = model
+        self.slots: dict[int, tuple[float, int]] = {}  # slot -> (pitch, row index)
+        self.expected: list[int] = []  # frames of each row prefilled
+        self.decoded: list[int] = []  # frames decoded, likewise
+        self.prefill_failures: list[str] = []  # prefill raises for rows whose text is listed
+
+    def slot_bytes(self) -> int:
+        return 1 << 20
+
+    def chunks(self, text: str) -> list[srv.Chunk]:
+        return [srv.Chunk(text, None, self.model.expected_frames(text), 0)]
+
+    def prefill(self, rows) -> list[srv.Prefix]:
+        if any(row.chunk.text in self.prefill_failures for row in rows):
+            raise RuntimeError("stub prefill failure")
+        prefixes = []
+        for row in rows:
+            self.model.generated.append(row.chunk.text)
+            self.expected.append(row.chunk.max_frames)
+            self.decoded.append(0)
+            pitch = float(row.voice_state["stub"]["freq"][0])
+            prefixes.append(srv.Prefix((pitch, len(self.decoded) - 1), 0, np.zeros(1), False))
+        return prefixes
+
+    def place(self, slot: int, prefix: srv.Prefix, frames: int):
+        self.slots[slot] = prefix.caches
+
+    def remove(self, slot: int, last: int):
+        _, index = self.slots[slot]
+        self.model.stopped.append(self.decoded[index] < self.expected[index])
+        self.slots[slot] = self.slots[last]
+        del self.slots[last]
+
+    def reset(self):
+        self.slots.clear()
+
+    def step(self, latents: list, generators: list):
+        time.sleep(self.model.frame_delay)
+        frames, limit = np.concatenate(latents) + 1, self.model.fail_after_frames
+        if limit is not None and frames.max() >= limit:
+            raise RuntimeError("stub generation failure")
+        return frames, [False] * frames.size
+
+    def decode(self, latents: list) -> np.ndarray:
+        audio = []
+        for slot, frame in enumerate(np.concatenate(latents).astype(int)):
+            pitch, index = self.slots[slot]
+            self.decoded[index] += 1
+            t = np.arange(frame * 1920, (frame + 1) * 1920) / SR
+            audio.append((0.5 * np.sin(2 * np.pi * pitch * t)).astype(np.float32))
+        return np.stack(audio)
+
+    def prepare(self, slots: int):
+        pass
+
+    def idle(self):
+        pass
+
+
 @pytest.fixture(autouse=True)
 def private_user_dirs(tmp_path, monkeypatch):
     """Every test gets its own user cache and data folders (voice latents, uploaded voices)."""
@@ -230,9 +301,12 @@ def stub(tokenizer_path) -> StubModel:
     return StubModel(tokenizer_path)
 
 
-def make_server(model, **overrides) -> srv.SpeechServer:
+def make_server(model, batched: bool = True, **overrides) -> srv.SpeechServer:
+    """A server around `model`; a StubModel's runs through the BatchScheduler (`StubSteps`), or
+    with batched=False through the unbatched path (a pocket-tts whose internals changed)."""
     settings = srv.Settings(model_path="stub", **overrides)
-    server = srv.build_server(settings, model=model)
+    steps = StubSteps(model) if batched and isinstance(model, StubModel) else None
+    server = srv.build_server(settings, model=model, steps=steps)
     if isinstance(model, StubModel):  # forget the start-up warm-up generation
         model.generated.clear()
         model.stopped.clear()
@@ -2729,16 +2803,15 @@ class TestBatching:
         return results
 
     @staticmethod
-    def watch_prefill(monkeypatch, record):
-        """Have `record(jobs)` called before every prefill pass; return the real prefill."""
-        real_prefill = srv.prefill
+    def watch_prefill(monkeypatch, steps, record):
+        """Have `record(rows)` called before every prefill pass of `steps`."""
+        real_prefill = steps.prefill
 
-        def watched(model, jobs, linear):
-            record(jobs)
-            return real_prefill(model, jobs, linear)
+        def watched(rows):
+            record(rows)
+            return real_prefill(rows)
 
-        monkeypatch.setattr(srv, "prefill", watched)
-        return real_prefill
+        monkeypatch.setattr(steps, "prefill", watched)
 
     @classmethod
     def run_admitted(cls, engine, jobs) -> dict:
@@ -2755,10 +2828,11 @@ class TestBatching:
         assert real.server.engine.scheduler is not None
         assert requests.get(f"{real.url}/health").json()["batched"] is True
 
-    def test_admission_starts_from_measured_step_times(self, real, monkeypatch):
+    def test_admission_starts_from_measured_step_times(self, real):
         """Start-up calibration ran batches of 1, 2, 4, ...; estimates interpolate between them."""
-        scheduler = real.server.engine.scheduler
-        assert {1, 2, 4} <= set(scheduler.calibrated)
+        capacity = real.server.engine.capacity
+        assert {1, 2, 4} <= set(capacity.calibrated)
+        assert 1 <= capacity.value <= real.server.engine.max_batch
         estimate = srv.estimate_step
         table = {1: 0.04, 2: 0.05, 4: 0.07}
         assert estimate(table, 1) == 0.04 and estimate(table, 3) == pytest.approx(0.06)
@@ -2766,32 +2840,26 @@ class TestBatching:
         assert estimate({2: 0.05}, 1) == 0.05
         assert estimate({2: 0.05}, 4) == pytest.approx(0.05 * (1 + 0.5))  # a guess
         assert estimate({}, 3) is None
-        # A size that once ran slowly is trusted for a minute, then its calibration is back.
-        monkeypatch.setattr(scheduler, "calibrated", {1: 0.04, 2: 0.05})
-        monkeypatch.setattr(scheduler, "measured", {2: (0.5, time.monotonic())})
-        assert scheduler.step_estimate(2) == 0.5
-        scheduler.measured[2] = (0.5, time.monotonic() - srv.STEP_MEMORY_SECONDS - 1)
-        assert scheduler.step_estimate(2) == 0.05
 
     def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
         """A slot is the KV regions of the longest sentence; a small device gets fewer slots."""
-        model, per_slot = real.model, srv.slot_bytes(real.model)
-        fresh = srv.BatchScheduler(model, 1)  # what a scheduler allocates for one slot
-        allocated = sum(k.nbytes + v.nbytes for regions in (fresh.flow, fresh.mimi)
-                        for k, v in regions.layers)  # fmt: skip
-        assert per_slot == allocated
+        fresh = srv.PocketSteps(real.model)  # what the steps allocate for one slot
+        per_slot = fresh.slot_bytes()
+        assert per_slot == fresh.flow.nbytes + fresh.mimi.nbytes > 0
         monkeypatch.setattr(srv, "free_memory", lambda device: 5 * per_slot)
-        assert srv.default_max_batch(real.model) == 2
+        assert srv.default_max_batch(fresh) == 2
         ceiling = 16 if TEST_DEVICE == "cpu" else 128
         monkeypatch.setattr(srv, "free_memory", lambda device: 10**15)
-        assert srv.default_max_batch(real.model) == ceiling
+        assert srv.default_max_batch(fresh) == ceiling
         monkeypatch.setattr(srv, "free_memory", lambda device: None)
-        assert srv.default_max_batch(real.model) == ceiling
+        assert srv.default_max_batch(fresh) == ceiling
+        monkeypatch.setattr(srv, "usable_cores", lambda: 6)
+        assert srv.default_max_batch(None) == 3  # unbatched: a generation per two cores
 
     def test_batched_prefill_is_pocket_tts_prefill_then_a_first_step(self, real, voices):
         """Prefixes computed together (other voices, text lengths padded) equal pocket-tts's own
         prefill, and the pass's first step equals a batch step fed the begin-of-stream latent."""
-        model, linear = real.model, real.server.engine.scheduler.linear
+        model, linear = real.model, real.server.engine.steps.linear
         lm = model.flow_lm
         tokens = [lm.conditioner.prepare(text) for text in ("Hi.", *CORPUS[:2])]
         seed = lambda i: torch.Generator().manual_seed(100 + i)  # noqa: E731
@@ -2825,48 +2893,40 @@ class TestBatching:
     def test_requests_arriving_together_share_a_prefill_pass(self, real, voices, monkeypatch):
         engine, passes = real.server.engine, []
 
-        def counted(jobs):
-            passes.append(len(jobs))
+        def counted(rows):
+            passes.append(len(rows))
             time.sleep(0.3)  # a slow pass: the others queue behind it
 
-        real_prefill = self.watch_prefill(monkeypatch, counted)
-        monkeypatch.setattr(engine, "prefill_batch", 2)  # more waiting than one pass takes
+        self.watch_prefill(monkeypatch, engine.steps, counted)
+        monkeypatch.setattr(engine.steps, "prefill_batch", 2)  # more waiting than one pass takes
         jobs = [(CORPUS[i % 3], voices[i % 3], i, 0.02 * i) for i in range(5)]
         results = self.run_all(engine, jobs)
         assert len(results) == 5 and sum(passes) >= 5 and max(passes) == 2
         assert len(passes) < sum(passes)  # some computed together
-        monkeypatch.setattr(srv, "prefill", real_prefill)
+        monkeypatch.undo()
         for i in (0, 4):  # each got its own prefix: the same audio as when it runs alone
             assert same_audio(results[i], self.run_all(engine, [jobs[i]])[0])
 
     def test_requests_admitted_together_are_prefilled_in_one_pass(self, real, voices, monkeypatch):
-        """The first request to ask waits for the others admitted with it (they ask 0.1 s apart),
-        then one pass computes them all and they join the batch together; each still gets its
-        own prefix."""
-        engine, passes, joined = real.server.engine, [], []
-        real_prefill = self.watch_prefill(monkeypatch, lambda jobs: passes.append(len(jobs)))
-        submit_all = engine.scheduler.submit_all
-
-        def submitted(rows):
-            joined.append(len(rows))
-            submit_all(rows)
-
-        monkeypatch.setattr(engine.scheduler, "submit_all", submitted)
+        """An idle batch waits for the requests admitted together (they ask 0.1 s apart), then
+        one pass computes them all, and they join at one tick; each still gets its own prefix."""
+        engine, passes = real.server.engine, []
+        self.watch_prefill(monkeypatch, engine.steps, lambda rows: passes.append(len(rows)))
         monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 2.0)  # far longer than the delays
-        monkeypatch.setattr(engine, "realtime_margin", 0)  # all three admitted at once
+        monkeypatch.setattr(engine.capacity, "margin", 0)  # all three admitted at once
         jobs = [("Hello there.", voices[i], i, 0.1 * i) for i in range(3)]
         results = self.run_admitted(engine, jobs)
-        assert passes == [3] and joined == [3]  # one pass, and its rows join at one tick
-        monkeypatch.setattr(srv, "prefill", real_prefill)
+        assert passes == [3]  # one pass: its rows join the batch at the same tick
+        monkeypatch.undo()
         assert same_audio(results[2], self.run_admitted(engine, [jobs[2]])[0])
 
     def test_a_pass_waits_for_no_request_that_does_not_ask(self, real, voices, monkeypatch):
         """A place held by a request that never asks delays a pass by the gather limit at most;
         with nobody else admitted, a pass starts at once."""
         engine, started = real.server.engine, []
-        self.watch_prefill(monkeypatch, lambda jobs: started.append(time.monotonic()))
+        self.watch_prefill(monkeypatch, engine.steps, lambda rows: started.append(time.monotonic()))
         monkeypatch.setattr(srv, "PREFILL_GATHER_SECONDS", 0.5)
-        monkeypatch.setattr(engine, "realtime_margin", 0)
+        monkeypatch.setattr(engine.capacity, "margin", 0)
         t0 = time.monotonic()
         self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
         assert started[0] - t0 < 0.25  # alone: no wait
@@ -2877,26 +2937,27 @@ class TestBatching:
         finally:
             idle()
         assert 0.5 <= started[1] - t0 < 0.5 + 2.0
-        assert engine.active == engine.streaming == engine.prefilling == 0
+        assert engine.active == 0 and not engine.scheduler.rows
 
-    def test_a_prefill_pass_takes_the_idle_cores_and_gives_them_back(self, real, voices,
-                                                                      monkeypatch):  # fmt: skip
-        """Nobody speaking: a pass uses every core; then torch's count is back to one."""
+    def test_a_prefill_pass_takes_every_core_and_gives_them_back(self, real, voices, monkeypatch):
+        """A pass runs between ticks (Mimi idle): it uses every core, then torch's count is back
+        to one on the scheduler's thread, and threads started later get one too."""
         engine, seen = real.server.engine, []
-        self.watch_prefill(monkeypatch, lambda jobs: seen.append(torch.get_num_threads()))
+        self.watch_prefill(monkeypatch, engine.steps,
+                           lambda rows: seen.append(torch.get_num_threads()))  # fmt: skip
         monkeypatch.setattr(srv, "usable_cores", lambda: 6)
         self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
         assert seen == [6] and engine.scheduler.torch_threads == 1
-        after = []
-        thread = threading.Thread(target=lambda: after.append(torch.get_num_threads()))
+        after = engine.scheduler.call(torch.get_num_threads)
+        assert after == 1
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
         thread.start(), thread.join()
-        assert after == [1]  # a thread started later runs on one core, as pocket-tts wants
-        monkeypatch.setattr(engine, "streaming", 3)  # the batch's two threads are busy
-        assert engine._prefill_threads() == 4
-        monkeypatch.setattr(srv, "usable_cores", lambda: 2)
-        assert engine._prefill_threads() == 1
+        assert later == [1]  # a thread started later runs on one core, as pocket-tts wants
         monkeypatch.setattr(srv, "usable_cores", lambda: 64)
-        assert engine._prefill_threads() == srv.MAX_PREFILL_THREADS
+        seen.clear()
+        self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
+        assert seen == [srv.MAX_PREFILL_THREADS]
 
     def test_usable_cores_follow_the_affinity_and_a_container_quota(self, tmp_path, monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
@@ -2958,14 +3019,14 @@ class TestBatching:
         for i, (text, *_rest) in enumerate(jobs):
             want = TestRealModel.library_seconds(real.model, text)
             assert abs(results[i].size / SR - want) < 1e-3, (i, text)
-        scheduler = real.server.engine.scheduler
-        assert not scheduler.rows  # every slot is free again, at position 0 (graphs step them)
-        assert not scheduler.flow.starts.any() and not scheduler.mimi.starts.any()
+        engine = real.server.engine
+        assert not engine.scheduler.rows  # every slot is free, at position 0 (graphs step them)
+        assert not engine.steps.flow.starts.any() and not engine.steps.mimi.starts.any()
 
     def test_a_fixed_attention_span_steps_as_the_default_one(self, real):
         """What a CUDA graph runs (attention over whole regions) equals the usual step (over the
         positions in use), for streams at different positions."""
-        model, scheduler = real.model, real.server.engine.scheduler
+        model, steps = real.model, real.server.engine.steps
         lm, device = model.flow_lm, model.device
         torch.manual_seed(0)
         flow = srv.Regions(lm.transformer.layers, 3, 96, device, torch.float32)
@@ -2977,13 +3038,13 @@ class TestBatching:
             regions.starts[:] = torch.tensor(starts)
         latents = torch.randn(3, 1, lm.ldim, device=device)
         noise = srv.streams_noise(model, [torch.Generator().manual_seed(i) for i in range(3)])
-        state = scheduler._fresh_mimi_state(3)
+        state = steps.fresh_mimi_state(3)
         with torch.no_grad():
-            usual = srv.flow_step(model, latents, flow.layers, flow.starts, noise, scheduler.linear)
+            usual = srv.flow_step(model, latents, flow.layers, flow.starts, noise, steps.linear)
             fixed = srv.flow_step(model, latents, flow.layers, flow.starts, noise,
-                                  scheduler.linear, flow.length)  # fmt: skip
+                                  steps.linear, flow.length)  # fmt: skip
             sound = [srv.mimi_step(model, latents, copy.deepcopy(state), mimi.layers, mimi.starts,
-                                   scheduler.linear, span) for span in (None, mimi.length)]  # fmt: skip
+                                   steps.linear, span) for span in (None, mimi.length)]  # fmt: skip
         assert torch.allclose(usual[0], fixed[0], rtol=1e-4, atol=1e-5)
         assert torch.equal(usual[1], fixed[1])
         assert sound[0].shape == (3, int(SR / model.config.mimi.frame_rate))
@@ -2994,7 +3055,7 @@ class TestBatching:
         frame-by-frame decoding of each stream, well past the point where the KV ring wraps."""
         from pocket_tts.modules.stateful_module import increment_steps, init_states
 
-        model, scheduler = real.model, real.server.engine.scheduler
+        model, batched = real.model, real.server.engine.steps
         lm, steps, frames, late = model.flow_lm, srv.decoder_steps(model), 40, 3
         torch.manual_seed(1)
         latents = torch.randn(2, frames, lm.ldim, device=model.device)
@@ -3002,7 +3063,7 @@ class TestBatching:
         assert ring < steps * frames  # it wraps (Mimi attends to its last 250 positions only)
         layers = model.mimi.decoder_transformer.transformer.layers
         regions = srv.Regions(layers, 2, ring, model.device, torch.float32)
-        state = scheduler._fresh_mimi_state(2)
+        state = batched.fresh_mimi_state(2)
         ours, theirs = [[], []], []
         with torch.no_grad():
             for t in range(frames):
@@ -3010,7 +3071,7 @@ class TestBatching:
                 rows = [latents[0, t]] + ([latents[1, t - late]] if n == 2 else [])
                 views, starts = regions.view(n)
                 audio = srv.mimi_step(model, torch.stack(rows)[:, None], state, views, starts,
-                                      scheduler.linear)  # fmt: skip
+                                      batched.linear)  # fmt: skip
                 starts += steps
                 for i in range(n):
                     ours[i].append(audio[i])
@@ -3028,16 +3089,16 @@ class TestBatching:
     def test_steps_stay_eager_where_cuda_graphs_cannot_be_made(self, real, voices, monkeypatch,
                                                                caplog):  # fmt: skip
         """A torch that cannot capture the steps still serves, with eager steps."""
-        scheduler = real.server.engine.scheduler
+        steps = real.server.engine.steps
 
-        def refuse(_scheduler):
+        def refuse(_steps):
             raise RuntimeError("operation not permitted when stream is capturing")
 
         monkeypatch.setattr(srv, "StepGraphs", refuse)
-        monkeypatch.setattr(scheduler, "graphs", None)
+        monkeypatch.setattr(steps, "graphs", None)
         with caplog.at_level(logging.WARNING, logger=srv.logger.name):
-            scheduler._make_graphs()
-        assert scheduler.graphs is None and not scheduler.regraph
+            steps.make_graphs()
+        assert steps.graphs is None and not steps.regraph
         assert "CUDA graphs could not be made" in caplog.text
         audio = self.run_all(real.server.engine, [("Hello world.", voices[0], 1, 0.0)])[0]
         assert (
@@ -3048,13 +3109,13 @@ class TestBatching:
     def test_cuda_graphs_sound_as_the_eager_steps(self, real, voices, monkeypatch):
         """On a GPU the batch replays captured steps, padded to a captured size (3 rows run as
         4); the audio equals the eager steps'."""
-        scheduler = real.server.engine.scheduler
-        graphs = scheduler.graphs
+        engine = real.server.engine
+        graphs = engine.steps.graphs
         assert graphs is not None and graphs.sizes[:3] == [1, 2, 4]
-        assert graphs.sizes[-1] == scheduler.max_batch and graphs.padded(3) == 4
+        assert graphs.sizes[-1] == engine.max_batch and graphs.padded(3) == 4
         jobs = [(CORPUS[i], voices[i], i, 0.0) for i in range(3)]
         replayed = self.run_all(real.server.engine, jobs)
-        monkeypatch.setattr(scheduler, "graphs", None)
+        monkeypatch.setattr(engine.steps, "graphs", None)
         eager = self.run_all(real.server.engine, jobs)
         assert all(same_audio(replayed[i], eager[i]) for i in range(3))
 
@@ -3075,44 +3136,6 @@ class TestBatching:
         long_run.join()
         assert done["short"] < done["long"]
         assert engine.scheduler.stats()["batch_size"] == 0  # everyone left
-
-    def test_admission_follows_the_measured_step_time(self, real, monkeypatch):
-        engine, scheduler = real.server.engine, real.server.engine.scheduler
-        monkeypatch.setattr(scheduler, "measured", {})
-        monkeypatch.setattr(engine, "active", 4)
-        monkeypatch.setattr(scheduler, "calibrated", {4: 0.02})  # 4 in 20 ms: a fifth fits easily
-        assert engine.admits()
-        scheduler.calibrated = {4: 0.07}  # 79 ms projected for 5: too close to 80 ms
-        assert not engine.admits()
-        scheduler.calibrated = {4: 0.06, 5: 0.061}  # measured: batching is nearly free
-        assert engine.admits()
-        scheduler.measured = {5: (0.09, time.monotonic())}
-        assert not engine.admits()  # measured now, slower: it counts
-        monkeypatch.setattr(engine, "realtime_margin", 0)  # throughput first, however slow
-        scheduler.calibrated = {4: 0.5}
-        assert engine.admits()
-        engine.active = engine.max_batch
-        assert not engine.admits()  # --max_batch is a ceiling
-
-    def test_a_failed_step_fails_its_streams_and_the_batch_goes_on(self, real, voices,
-                                                                     monkeypatch):  # fmt: skip
-        stepper = real.server.engine.scheduler.graphs or srv  # both have flow_step
-        original, calls = stepper.flow_step, []
-
-        def fail_once(*args, **kwargs):
-            if not calls:
-                calls.append(1)
-                raise RuntimeError("injected step failure")
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(stepper, "flow_step", fail_once)
-        engine = real.server.engine
-        with pytest.raises(RuntimeError, match="injected"):
-            list(engine.generate("Hello world.", voices[0], threading.Event()))
-        audio = np.concatenate(list(engine.generate("Hello world.", voices[0], threading.Event())))
-        assert (
-            abs(audio.size / SR - TestRealModel.library_seconds(real.model, "Hello world.")) < 1e-3
-        )
 
     def test_health_reports_the_batch(self, real):
         with requests.post(f"{real.url}/v1/audio/speech", stream=True,
@@ -3304,9 +3327,9 @@ class TestWyoming:
     def test_a_full_server_answers_busy(self, real, port, monkeypatch):
         from wyoming.tts import Synthesize
 
-        engine = real.server.engine
-        monkeypatch.setattr(engine, "max_queue", 0)
-        monkeypatch.setattr(engine, "active", engine.max_batch)  # every place taken
+        admission = real.server.engine.admission
+        monkeypatch.setattr(admission, "max_queue", 0)
+        monkeypatch.setattr(admission, "active", admission.capacity.value)  # every place taken
 
         async def run():
             async with Wyoming(port) as w:
