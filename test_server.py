@@ -220,6 +220,9 @@ class StubSteps:
 
     def __init__(self, model: StubModel):
         self.model = model
+        self.threads: dict[str, set] = {}  # method -> names of the threads that called it
+        self.fault: str | None = None  # a method that raises once, at its next call
+        self.fault_at: float | None = None  # when it did
         self.slots: dict[int, tuple[float, int]] = {}  # slot -> (pitch, row index)
         self.expected: list[int] = []  # frames of each row prefilled
         self.decoded: list[int] = []  # frames decoded, likewise
@@ -231,7 +234,15 @@ class StubSteps:
     def chunks(self, text: str) -> list[srv.Chunk]:
         return [srv.Chunk(text, None, self.model.expected_frames(text), 0)]
 
+    def called(self, method: str):
+        """Record the calling thread; raise once if `method` is the injected fault."""
+        self.threads.setdefault(method, set()).add(threading.current_thread().name)
+        if self.fault == method:
+            self.fault, self.fault_at = None, time.monotonic()
+            raise RuntimeError(f"injected {method} failure")
+
     def prefill(self, rows) -> list[srv.Prefix]:
+        self.called("prefill")
         if any(row.chunk.text in self.prefill_failures for row in rows):
             raise RuntimeError("stub prefill failure")
         prefixes = []
@@ -244,9 +255,11 @@ class StubSteps:
         return prefixes
 
     def place(self, slot: int, prefix: srv.Prefix, frames: int):
+        self.called("place")
         self.slots[slot] = prefix.caches
 
     def remove(self, slot: int, last: int):
+        self.called("remove")
         _, index = self.slots[slot]
         self.model.stopped.append(self.decoded[index] < self.expected[index])
         self.slots[slot] = self.slots[last]
@@ -256,6 +269,7 @@ class StubSteps:
         self.slots.clear()
 
     def step(self, latents: list, generators: list):
+        self.called("step")
         time.sleep(self.model.frame_delay)
         frames, limit = np.concatenate(latents) + 1, self.model.fail_after_frames
         if limit is not None and frames.max() >= limit:
@@ -263,13 +277,17 @@ class StubSteps:
         return frames, [False] * frames.size
 
     def decode(self, latents: list) -> np.ndarray:
+        deliver = self.fault == "deliver"  # decoded, but one row short: delivering it fails
+        if deliver:
+            self.fault, self.fault_at = None, time.monotonic()
+        self.called("decode")
         audio = []
         for slot, frame in enumerate(np.concatenate(latents).astype(int)):
             pitch, index = self.slots[slot]
             self.decoded[index] += 1
             t = np.arange(frame * 1920, (frame + 1) * 1920) / SR
             audio.append((0.5 * np.sin(2 * np.pi * pitch * t)).astype(np.float32))
-        return np.stack(audio)
+        return np.stack(audio[:-1] if deliver else audio)
 
     def prepare(self, slots: int):
         pass
@@ -2061,6 +2079,281 @@ class TestLoad:
 
 
 # =================================================================================================
+# The engine: one owner of the model, faults that end cleanly, admission (production scheduler)
+# =================================================================================================
+
+
+def generate_in_threads(engine, texts, voice_state, delays=None) -> dict:
+    """engine.generate for each text at once: {i: (audio seconds, error or None, when it ended)}."""
+    outcomes = {}
+
+    def run(i, text):
+        time.sleep((delays or [0] * len(texts))[i])
+        samples, error = 0, None
+        try:
+            for audio in engine.generate(text, voice_state, threading.Event(), seed=i):
+                samples += audio.size
+        except srv.GenerationFailed as exc:
+            error = exc
+        outcomes[i] = (samples / SR, error, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i, t)) for i, t in enumerate(texts)]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    return outcomes
+
+
+class TestEngine:
+    """Issue #18 through the production BatchScheduler and Admission (StubSteps for the model)."""
+
+    @pytest.fixture
+    def engine(self, stub):
+        server = make_server(stub, max_batch=4)
+        yield server.engine
+        server.engine.close()
+
+    @staticmethod
+    def voice(stub):
+        return stub.state(300.0)
+
+    def test_routes_run_the_batch_scheduler_and_one_thread_touches_the_model(self, stub):
+        """Concurrent HTTP requests: every prefill, step, join and leave ran on the scheduler's
+        thread, every decoding on its Mimi thread; the request threads only waited."""
+        stub.frame_delay = 0.005
+        server = make_server(stub, max_batch=4)
+        live = LiveServer(server.app, threads=8)
+        try:
+            assert requests.get(f"{live.url}/health").json()["batched"] is True
+            threads = [threading.Thread(target=post_json, args=(live.url, {
+                "input": f"Hello number {i}.", "response_format": fmt, "stream": i % 2 == 0}))
+                for i, fmt in enumerate(["wav", "mp3", "pcm", "flac", "opus", "aac"])]  # fmt: skip
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        finally:
+            live.close()
+            server.engine.close()
+        steps = server.engine.steps
+        assert len(stub.generated) == 6
+        assert {m: steps.threads[m] for m in ("prefill", "place", "step", "remove")} == {
+            m: {"batch"} for m in ("prefill", "place", "step", "remove")
+        }
+        assert steps.threads["decode"] == {"mimi_0"}
+
+    def test_a_failed_prefill_fails_only_its_own_request(self, stub, engine):
+        """A pass with one bad row is retried row by row: the other rows of that pass speak in
+        full, the bad one gets an error, and the next request succeeds."""
+        engine.steps.prefill_failures = ["Poison."]
+        texts = ["Hello world.", "Poison.", "This is a test.", "Numbers one two three!"]
+        acquired = [engine.acquire() for _ in texts]  # admitted together: one gathered pass
+        try:
+            outcomes = generate_in_threads(engine, texts, self.voice(stub))
+        finally:
+            [release() for release in acquired]
+        assert isinstance(outcomes[1][1], srv.GenerationFailed)
+        for i in (0, 2, 3):
+            assert outcomes[i][1] is None
+            assert outcomes[i][0] == pytest.approx(stub.expected_frames(texts[i]) * 1920 / SR)
+        assert engine.steps.threads["prefill"] == {"batch"}
+        assert generate_in_threads(engine, ["Hello world."], self.voice(stub))[0][1] is None
+
+    @pytest.mark.parametrize("stage", ["step", "decode", "deliver", "remove"])
+    def test_a_fault_in_a_tick_fails_its_batch_within_a_second(self, stub, engine, stage):
+        """Whatever raises in a tick, every stream of that batch gets an error within 1 s, its
+        slots are freed, and the next request speaks in full."""
+        stub.frame_delay = 0.01
+        texts = [LONG_TEXT[:120], LONG_TEXT[:160], LONG_TEXT[:200]]
+
+        def inject():
+            assert wait_for(lambda: len(engine.scheduler.rows) == 3, timeout=10)
+            time.sleep(0.1)
+            engine.steps.fault = stage
+
+        injector = threading.Thread(target=inject)
+        injector.start()
+        outcomes = generate_in_threads(engine, texts, self.voice(stub))
+        injector.join()
+        fault_at = engine.steps.fault_at
+        assert fault_at is not None
+        for audio_seconds, error, ended in outcomes.values():
+            assert isinstance(error, srv.GenerationFailed)
+            assert ("out of bounds" if stage == "deliver" else "injected") in str(error)
+            assert ended - fault_at < 1.0 and audio_seconds > 0
+        assert wait_for(lambda: not engine.scheduler.rows and not engine.steps.slots)
+        (seconds, error, _) = generate_in_threads(engine, ["Hello world."], self.voice(stub))[0]
+        assert error is None and seconds == pytest.approx(
+            stub.expected_frames("Hello world.") * 0.08
+        )
+
+    def test_a_row_that_cannot_join_fails_alone(self, stub, engine):
+        """A failure placing a prefilled row (its slot) fails that row; the batch goes on."""
+        stub.frame_delay = 0.01
+        texts = [LONG_TEXT[:120], LONG_TEXT[:120], "Hello world."]
+
+        def join_late():
+            assert wait_for(lambda: len(engine.scheduler.rows) == 2, timeout=10)
+            engine.steps.fault = "place"
+
+        injector = threading.Thread(target=join_late)
+        injector.start()
+        outcomes = generate_in_threads(engine, texts, self.voice(stub), delays=[0, 0, 0.3])
+        injector.join()
+        assert isinstance(outcomes[2][1], srv.GenerationFailed)
+        for i in (0, 1):
+            want = sum(stub.expected_frames(c) for c in engine.split(texts[i])) * 0.08
+            assert outcomes[i][1] is None and outcomes[i][0] == pytest.approx(want)
+
+    def test_closing_the_engine_ends_every_stream_and_its_threads(self, stub):
+        stub.frame_delay = 0.01
+        engine = make_server(stub, max_batch=2).engine
+        closer = threading.Thread(target=lambda: (
+            wait_for(lambda: engine.scheduler.rows, timeout=10), engine.close()))  # fmt: skip
+        closer.start()
+        outcomes = generate_in_threads(engine, [LONG_TEXT, LONG_TEXT], self.voice(stub))
+        closer.join()
+        assert all(isinstance(error, srv.GenerationFailed) for _, error, _ in outcomes.values())
+        assert not engine.scheduler.thread.is_alive()
+        with pytest.raises(srv.GenerationFailed, match="shutting down"):
+            list(engine.generate("Hello.", self.voice(stub), threading.Event()))
+
+    def test_queued_requests_start_in_arrival_order(self, stub):
+        """One place: requests that queue behind it are served first come, first served."""
+        stub.frame_delay = 0.01
+        with busy_worker(stub, "Hello world. " * 3) as (url, blocker):
+            texts = ["One.", "Two.", "Three.", "Four."]
+            threads = []
+            for text in texts:
+                threads.append(threading.Thread(target=post_json, args=(url, {"input": text})))
+                threads[-1].start()
+                time.sleep(0.05)
+            health = requests.get(f"{url}/health").json()
+            assert health["queue_depth"] == 4 and health["can_start"] == 0
+            [t.join(timeout=30) for t in threads]
+        assert stub.generated[-4:] == texts
+
+    def test_health_says_how_many_can_start(self, stub):
+        server = make_server(stub, max_batch=3)
+        client = server.app.test_client()
+        health = client.get("/health").json
+        assert health["capacity"] == 3 and health["can_start"] == 3
+        release = server.engine.acquire()  # a request holds a place
+        health = client.get("/health").json
+        assert health["active_streams"] == 1 and health["can_start"] == 2
+        release()
+        assert client.get("/health").json["can_start"] == 3
+        server.engine.close()
+
+    def test_retry_after_follows_the_queue_position_and_stream_time(self):
+        """A place frees every (typical request time / capacity) seconds."""
+        capacity = srv.Capacity(0.08, 0, 2)
+        admission = srv.Admission(capacity, max_queue=1, queue_timeout=5)
+        held = [admission.acquire(), admission.acquire()]
+        waiter = threading.Thread(target=lambda: admission.acquire()())
+        waiter.start()
+        assert wait_for(lambda: len(admission.queue) == 1)
+        with pytest.raises(srv.Busy) as refused:
+            admission.acquire()
+        assert refused.value.status == 429
+        assert refused.value.retry_after == 5  # no history: 5 s a request, 2 places, 2nd in line
+        for _ in range(3):
+            admission.finished(audio_seconds=6.0, wall_seconds=8.0)
+        assert admission.retry_after(1) == 4 and admission.retry_after(5) == 20
+        held[0]()
+        waiter.join(timeout=5)
+        assert not waiter.is_alive() and admission.active == 1
+        held[1]()
+        assert admission.active == 0
+
+    def test_a_waiter_that_gives_up_keeps_no_place(self):
+        capacity = srv.Capacity(0.08, 0, 1)
+        admission = srv.Admission(capacity, max_queue=4, queue_timeout=0.3)
+        release = admission.acquire()
+        with pytest.raises(srv.Busy) as timed_out:
+            admission.acquire()
+        assert timed_out.value.status == 503 and timed_out.value.retry_after >= 1
+        with pytest.raises(srv.ClientGone):
+            admission.acquire(cancelled=lambda: True)
+        assert not admission.queue and admission.active == 1
+        release()
+        release()  # idempotent
+        assert admission.active == 0
+        admission.acquire()
+        assert admission.active == 1
+
+
+class TestCapacity:
+    """Admission's controller: calibrated step times scaled by a smoothed load, hysteresis."""
+
+    TABLE = {1: 0.02, 2: 0.03, 4: 0.05, 8: 0.09}  # seconds per step, by batch size
+
+    def capacity(self, margin=1.1) -> srv.Capacity:
+        capacity = srv.Capacity(0.08, margin, 16)
+        capacity.calibrate(self.TABLE)
+        return capacity
+
+    def test_the_largest_batch_that_fits_the_frame_with_its_margin(self):
+        capacity = self.capacity()
+        assert capacity.value == 6  # 6 streams: 70 ms x 1.1 <= 80 ms; 7: 80 ms x 1.1 > 80 ms
+        for n in range(1, capacity.value + 1):
+            assert capacity.expected(n) * 1.1 <= 0.08
+
+    def test_noisy_ticks_never_make_it_swing(self):
+        capacity, seen = self.capacity(), set()
+        for i in range(2000):  # +-30 % noise around the calibrated times
+            capacity.observe(6, self.TABLE[4] * 1.4 * (0.7 if i % 2 else 1.3))
+            seen.add(capacity.value)
+        assert seen == {6}
+
+    def test_a_slower_machine_lowers_it_at_once_and_steadily(self):
+        capacity, values = self.capacity(), []
+        for _ in range(300):  # every tick 1.5 x its calibrated time (encoders, another process)
+            capacity.observe(4, 0.05 * 1.5)
+            values.append(capacity.value)
+        assert values == sorted(values, reverse=True)  # down only, never back up meanwhile
+        assert values[-1] == 3  # 40 ms x 1.5 x 1.1 <= 80 ms; 4 streams would not fit
+        assert capacity.load == pytest.approx(1.5, rel=0.01)
+        for _ in range(300):  # the machine is back to normal: so is the capacity, nearly
+            capacity.observe(4, 0.05)
+        assert capacity.load == pytest.approx(1.0, rel=0.01)
+        assert capacity.value == 5  # 6 fits, but not with the 5 % it must spare to be added
+
+    def test_throughput_first_admits_up_to_max_batch(self):
+        assert self.capacity(margin=0).value == 16
+        assert srv.Capacity(0.08, 1.1, 5).value == 5  # nothing calibrated: --max_batch
+
+
+class TestUnbatchedFallback:
+    """A pocket-tts whose internals changed runs its own generate_audio_stream per request."""
+
+    @pytest.fixture
+    def fallback(self, stub):
+        return make_server(stub, batched=False)
+
+    def test_it_is_served_one_stream_per_request(self, fallback, stub):
+        assert fallback.engine.scheduler is None
+        client = fallback.app.test_client()
+        assert client.get("/health").json["batched"] is False
+        for fmt in ("wav", "mp3", "opus"):
+            r = speech(client, input="Hello world. This is a test.", response_format=fmt)
+            want = expected_seconds(stub, fallback.engine, "Hello world. This is a test.")
+            assert want - 0.002 <= duration(r.data) <= want + CODEC_SLACK[fmt]
+
+    def test_a_failure_is_a_500_and_a_hang_up_stops_it(self, fallback, stub):
+        stub.fail_after_frames = 2
+        assert_openai_error(speech(fallback.app.test_client(), response_format="wav"), 500)
+        stub.fail_after_frames, stub.frame_delay = None, 0.02
+        live = LiveServer(fallback.app, threads=4)
+        try:
+            sock = raw_request(live.url, {"input": LONG_TEXT, "response_format": "pcm",
+                                          "stream": True})  # fmt: skip
+            assert sock.recv(4096)
+            sock.close()
+            assert wait_for(lambda: stub.stopped and fallback.engine.active == 0)
+            assert stub.stopped[-1] is True
+        finally:
+            live.close()
+
+
+# =================================================================================================
 # Hardening, round 2: every attack of issue #9, replayed
 # =================================================================================================
 
@@ -3136,6 +3429,75 @@ class TestBatching:
         long_run.join()
         assert done["short"] < done["long"]
         assert engine.scheduler.stats()["batch_size"] == 0  # everyone left
+
+    def test_a_voice_state_that_does_not_fit_fails_only_itself(self, real, voices):
+        """Sent together with three good requests (one prefill pass): the bad one gets an
+        error, the three speak the library's length, and nothing waits for anyone."""
+        engine = real.server.engine
+        bad = copy.deepcopy(voices[0])
+        for module in bad.values():
+            if "cache" in module:  # another model's head size
+                module["cache"] = module["cache"][..., : module["cache"].shape[-1] // 2]
+        texts = ["Hello world.", "Hello world.", CORPUS[0], CORPUS[1]]
+        places = [engine.acquire() for _ in texts]
+        try:
+            outcomes = {}
+
+            def run(i, voice):
+                try:
+                    outcomes[i] = np.concatenate(
+                        list(engine.generate(texts[i], voice, threading.Event(), seed=i))
+                    )
+                except srv.GenerationFailed as exc:
+                    outcomes[i] = exc
+
+            threads = [threading.Thread(target=run, args=(i, bad if i == 1 else voices[i % 3]))
+                       for i in range(4)]  # fmt: skip
+            [t.start() for t in threads]
+            [t.join(timeout=60) for t in threads]
+        finally:
+            [release() for release in places]
+        assert isinstance(outcomes[1], srv.GenerationFailed)
+        for i in (0, 2, 3):
+            want = TestRealModel.library_seconds(real.model, texts[i])
+            assert abs(outcomes[i].size / SR - want) < 1e-3
+
+    def test_a_failed_graph_replay_fails_its_batch_then_steps_run_eager(self, real, voices,
+                                                                        monkeypatch):  # fmt: skip
+        """A CUDA graph that fails to replay (simulated on any device): the batch's streams get
+        an error, the graphs are dropped, and the next request speaks in full, eagerly."""
+        steps = real.server.engine.steps
+
+        class Broken:
+            def flow_step(self, *args):
+                raise RuntimeError("injected replay failure")
+
+            mimi_step = flow_step
+
+        monkeypatch.setattr(steps, "graphs", Broken())
+        with pytest.raises(srv.GenerationFailed, match="injected replay failure"):
+            list(real.server.engine.generate("Hello world.", voices[0], threading.Event()))
+        assert steps.graphs is None
+        audio = self.run_all(real.server.engine, [("Hello world.", voices[0], 1, 0.0)])[0]
+        want = TestRealModel.library_seconds(real.model, "Hello world.")
+        assert abs(audio.size / SR - want) < 1e-3
+
+    def test_only_the_scheduler_thread_touches_the_model(self, real, voices, monkeypatch):
+        """Prefill passes, steps, joins and leaves on the scheduler's thread, Mimi on its own,
+        whatever thread the requests come from."""
+        steps, seen = real.server.engine.steps, {}
+        for name in ("prefill", "place", "step", "remove", "decode"):
+            method = getattr(steps, name)
+
+            def watched(*args, _name=name, _method=method):
+                seen.setdefault(_name, set()).add(threading.current_thread().name)
+                return _method(*args)
+
+            monkeypatch.setattr(steps, name, watched)
+        jobs = [(CORPUS[i % 3], voices[i % 3], i, 0.05 * i) for i in range(4)]
+        assert len(self.run_all(real.server.engine, jobs)) == 4
+        assert seen == {"prefill": {"batch"}, "place": {"batch"}, "step": {"batch"},
+                        "remove": {"batch"}, "decode": {"mimi_0"}}  # fmt: skip
 
     def test_health_reports_the_batch(self, real):
         with requests.post(f"{real.url}/v1/audio/speech", stream=True,
