@@ -10,23 +10,26 @@ clients (the openai SDK, Open WebUI, Home Assistant, SillyTavern, curl...) use u
 
 Data flows top to bottom, and so does this file:
 
-    configuration & CLI -> model -> text -> voices -> synthesis (Engine, BatchScheduler)
+    configuration & CLI -> model -> text -> voices -> synthesis (PocketSteps, Admission,
+    BatchScheduler, Engine)
     -> encoding (PyAV) -> HTTP API (Flask, served by waitress) -> Wyoming (Home Assistant)
     -> main -> page
 
-The Engine is the only code that touches the model. Its BatchScheduler advances every active stream
-by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), lets
-sentences join and leave at any tick, and admits streams while the batch stays faster than real
-time, by step times measured at start-up; requests beyond that wait in a bounded queue. On a GPU
-both steps replay as CUDA graphs, since launching their small kernels one by one would cost more
-than running them. Each stream keeps its own KV regions and seeded noise, so its audio does not
-depend on what else is batched. The
-Engine yields float32 audio chunks and honours a stop event (set when a client hangs up), so HTTP
-handlers and encoders never depend on how generation is scheduled. Encoders are incremental, so a
-streamed response leaves as soon as the model produces audio, in every format. The web page (one
-player that decodes every format while it streams) and its logo are embedded at the end, so this
-file copied alone still runs. With --wyoming_port, the same Engine also speaks the Wyoming
-protocol, so Home Assistant's voice pipelines use it natively.
+One thread owns the model: the BatchScheduler's loop. Request threads submit a sentence and read
+its audio; the loop prefills waiting sentences in one batched pass, advances every active stream
+by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), and lets
+sentences join and leave at any tick. Whatever fails there fails only the rows it concerns, with
+an error their readers raise. Admission keeps the batch faster than real time by a margin: its
+capacity comes from step times calibrated at start-up, scaled by a smoothed load and held by
+hysteresis; requests beyond it wait in a bounded FIFO queue. On a GPU both steps replay as CUDA
+graphs, since launching their small kernels one by one would cost more than running them. Each
+stream keeps its own KV regions and seeded noise, so its audio does not depend on what else is
+batched. The Engine yields float32 audio chunks and honours a stop event (set when a client hangs
+up), so HTTP handlers and encoders never depend on how generation is scheduled. Encoders are
+incremental, so a streamed response leaves as soon as the model produces audio, in every format.
+The web page (one player that decodes every format while it streams) and its logo are embedded at
+the end, so this file copied alone still runs. With --wyoming_port, the same Engine also speaks the
+Wyoming protocol, so Home Assistant's voice pipelines use it natively.
 """
 
 from __future__ import annotations
@@ -1155,6 +1158,103 @@ def model_fingerprint(model, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
+class VoiceStates:
+    """Voice states (the model conditioned on a voice prompt), by voice: encoded once per distinct
+    recording, ever (memory LRU, then the disk cache keyed by the recording's SHA-256).
+
+    Encoding runs on the asking request's thread, one at a time: it reads the model's weights
+    only, so the batch keeps stepping meanwhile.
+    """
+
+    def __init__(self, model, cache: LatentCache, max_reference_seconds: float):
+        self.model, self.cache = model, cache
+        self.sample_rate: int = model.sample_rate
+        self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
+        self.max_reference_seconds = max_reference_seconds
+        self.remote = RemoteVoices()
+        self._encoding = threading.Lock()
+        self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
+
+    def get(self, source: VoiceSource):
+        """The conditioned model state of a voice: encoded once per distinct recording, ever."""
+        if source.kind == "builtin":
+            key = f"builtin-{source.ref}"
+            state = self.cache.get(key)
+            if state is None:
+                with self._encoding:
+                    state = self.model.get_state_for_audio_prompt(source.ref)
+                self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
+            return state
+        data = None
+        if source.kind == "url":
+            key, data = self.remote.fetch(source.ref)
+        else:
+            try:
+                key = self.content_key(source)
+            except OSError:  # removed or replaced since it was resolved
+                raise VoiceError(f"voice {source.name!r} is no longer available.") from None
+        state = self.cache.get(key) or self._load_cached(key)
+        if state is None:
+            if source.kind == "url" and data is None:  # known unchanged, but its state was evicted
+                key, data = self.remote.fetch(source.ref, fresh=True)
+            state = self._encode_voice(source, data)
+            self.cache.put(key, state, persist=not source.is_state_file)
+        return state
+
+    def content_key(self, source: VoiceSource, data: bytes | None = None) -> str:
+        """SHA-256 of the recording's bytes (memoized by path, mtime and size)."""
+        if data is not None:
+            return hashlib.sha256(data).hexdigest()
+        st = os.stat(source.ref)
+        stamp = (source.ref, st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp not in self._hashes:
+            with open(source.ref, "rb") as f:
+                self._hashes[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
+            while len(self._hashes) > 1024:
+                self._hashes.popitem(last=False)
+        return self._hashes[stamp]
+
+    def _load_cached(self, key: str):
+        """A state persisted by an earlier run; a corrupt file is discarded."""
+        path = self.cache.path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = self.model.get_state_for_audio_prompt(path)
+        except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt
+            logger.warning("discarding unreadable voice cache file %s", path)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            return None
+        self.cache.put(key, state, persist=False)
+        return state
+
+    def _encode_voice(self, source: VoiceSource, data: bytes | None):
+        import torch
+
+        if source.is_state_file:
+            try:
+                return self.model.get_state_for_audio_prompt(Path(source.ref))
+            except Exception:  # noqa: BLE001 - a bad file is the client's or operator's
+                raise VoiceError(f"voice {source.name!r} is not a valid voice state.") from None
+        if not self.has_voice_cloning:
+            raise VoiceError(
+                "this server's model was loaded without the voice-cloning weights, so only "
+                "built-in voices can be used (accept the model's terms on the Hugging Face Hub "
+                "and log in to get them)."
+            )
+        if data is None:
+            data = Path(source.ref).read_bytes()
+        audio = decode_reference(data, self.sample_rate, self.max_reference_seconds)
+        with self._encoding:  # on the request's thread: the batch keeps stepping meanwhile
+            return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
+
+    def forget(self, source: VoiceSource):
+        """Drop a file voice's cached state (memory and disk), before the file is deleted."""
+        with contextlib.suppress(OSError):
+            self.cache.forget(self.content_key(source))
+
+
 # =================================================================================================
 # Synthesis
 # =================================================================================================
@@ -1211,6 +1311,73 @@ def free_memory(device: str) -> int | None:
             return torch.cuda.mem_get_info(torch.device(device))[0]
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """A piece of text made ready for the model: its tokens and pocket-tts's length limits."""
+
+    text: str
+    tokens: Any  # what the model's prefill reads (pocket-tts: token ids [1, T])
+    max_frames: int  # pocket-tts's cap on the frames generated for these tokens
+    frames_after_eos: int  # frames still spoken once the model signals the end
+
+
+@dataclass
+class Prefix:
+    """What a prefill pass computed for one row: its KV prefix and its first latent."""
+
+    caches: Any  # FlowLM keys and values by layer, [2, P, H, D] each
+    length: int  # P: the voice prompt, the text and the first step
+    latent: Any  # the first step's latent [1, 1, ldim]
+    eos: bool  # whether that step signalled the end
+
+
+class GenerationFailed(RuntimeError):
+    """The model failed on a request's row (the cause is logged, and chained)."""
+
+
+@dataclass(eq=False)
+class Sentence:
+    """One chunk of text to speak: a row of the batch, from its prefill to its last frame.
+
+    The request's thread creates it and reads `audio`; the scheduler thread owns everything
+    else. `audio` receives float32 arrays, then None at the end, or an exception instead.
+    """
+
+    chunk: Chunk
+    voice_state: Any
+    generator: Any  # torch.Generator: this stream's own sampling noise
+    stop: threading.Event  # the request's: set when its client hangs up
+    audio: queue.Queue = field(default_factory=queue.Queue)
+    abandoned: bool = False  # its reader went away without setting `stop`
+    step: int = 0
+    eos_step: int | None = None
+    latent: Any = None  # its newest latent: audio to decode, and the next step's input
+    finished: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.abandoned or self.stop.is_set()
+
+    def advance(self, latent, eos: bool, min_frames_before_eos: int) -> bool:
+        """pocket-tts's stopping rule for this row's next latent: whether it is audio to decode."""
+        step, self.step = self.step, self.step + 1
+        if eos and self.eos_step is None and step >= min_frames_before_eos:
+            self.eos_step = step
+        if self.eos_step is not None and step >= self.eos_step + self.chunk.frames_after_eos:
+            self.finished = True
+            return False
+        self.latent = latent
+        self.finished = self.step >= self.chunk.max_frames
+        return True
+
+    def fail(self, exc: Exception):
+        self.finished = True
+        self.audio.put(exc)
 
 
 # -- pocket-tts internals ---------------------------------------------------------------------
@@ -1453,15 +1620,15 @@ def voice_prefix(model, voice_state) -> tuple[list, int]:
     ], length
 
 
-def prefill(model, jobs: list, linear) -> list[tuple[list, int, Any, bool]]:
+def prefill(model, jobs: list, linear) -> list[Prefix]:
     """Streams' prefixes and first steps in one batched pass: each voice's cached prompt, then
     its text, then the begin-of-stream latent (what pocket-tts's first generation step feeds).
 
-    jobs: [(voice_state, tokens [1, T], generator)]. Returns, per job, each FlowLM layer's keys
-    and values ([2, P, H, D]), the prefix length P (the first step included), the first latent
-    [1, 1, ldim] and its EOS flag. Inputs are padded at the end to the longest: a padded
-    position comes after every real one, so (attention being causal) no real one sees it, and
-    it is not returned. It runs on a request's thread, beside the batch.
+    jobs: [(voice_state, tokens [1, T], generator)]. Returns, per job, a Prefix: each FlowLM
+    layer's keys and values ([2, P, H, D]), the prefix length P (the first step included), the
+    first latent [1, 1, ldim] and its EOS flag. Inputs are padded at the end to the longest: a
+    padded position comes after every real one, so (attention being causal) no real one sees it,
+    and it is not returned. The scheduler's thread runs it between two ticks.
     """
     import torch
 
@@ -1481,8 +1648,8 @@ def prefill(model, jobs: list, linear) -> list[tuple[list, int, Any, bool]]:
     noise = streams_noise(model, [generator for _, _, generator in jobs])
     latents, eos = flow_head(model, last, noise)
     eos = eos.tolist()
-    return [([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers],
-             length, latents[row : row + 1], eos[row])
+    return [Prefix([torch.stack((k[row, :length], v[row, :length])) for k, v in regions.layers],
+                   length, latents[row : row + 1], eos[row])
             for row, length in enumerate(lengths)]  # fmt: skip
 
 
@@ -1530,73 +1697,6 @@ def estimate_step(measured: dict[int, float], streams: int) -> float | None:
     else:  # one size measured: a guess
         per_stream = MARGINAL_STREAM_COST * t0 / n0
     return t0 + per_stream * max(0, streams - n0)
-
-
-# -- records ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Chunk:
-    """A piece of text made ready for the model: its tokens and pocket-tts's length limits."""
-
-    text: str
-    tokens: Any  # what the model's prefill reads (pocket-tts: token ids [1, T])
-    max_frames: int  # pocket-tts's cap on the frames generated for these tokens
-    frames_after_eos: int  # frames still spoken once the model signals the end
-
-
-@dataclass
-class Prefix:
-    """What a prefill pass computed for one row: its KV prefix and its first latent."""
-
-    caches: Any  # FlowLM keys and values by layer, [2, P, H, D] each
-    length: int  # P: the voice prompt, the text and the first step
-    latent: Any  # the first step's latent [1, 1, ldim]
-    eos: bool  # whether that step signalled the end
-
-
-class GenerationFailed(RuntimeError):
-    """The model failed on a request's row (the cause is logged, and chained)."""
-
-
-@dataclass(eq=False)
-class Sentence:
-    """One chunk of text to speak: a row of the batch, from its prefill to its last frame.
-
-    The request's thread creates it and reads `audio`; the scheduler thread owns everything
-    else. `audio` receives float32 arrays, then None at the end, or an exception instead.
-    """
-
-    chunk: Chunk
-    voice_state: Any
-    generator: Any  # torch.Generator: this stream's own sampling noise
-    stop: threading.Event  # the request's: set when its client hangs up
-    audio: queue.Queue = field(default_factory=queue.Queue)
-    abandoned: bool = False  # its reader went away without setting `stop`
-    step: int = 0
-    eos_step: int | None = None
-    latent: Any = None  # its newest latent: audio to decode, and the next step's input
-    finished: bool = False
-
-    @property
-    def stopped(self) -> bool:
-        return self.abandoned or self.stop.is_set()
-
-    def advance(self, latent, eos: bool, min_frames_before_eos: int) -> bool:
-        """pocket-tts's stopping rule for this row's next latent: whether it is audio to decode."""
-        step, self.step = self.step, self.step + 1
-        if eos and self.eos_step is None and step >= min_frames_before_eos:
-            self.eos_step = step
-        if self.eos_step is not None and step >= self.eos_step + self.chunk.frames_after_eos:
-            self.finished = True
-            return False
-        self.latent = latent
-        self.finished = self.step >= self.chunk.max_frames
-        return True
-
-    def fail(self, exc: Exception):
-        self.finished = True
-        self.audio.put(exc)
 
 
 # -- slots: the model's state for every row ------------------------------------------------------
@@ -1738,7 +1838,7 @@ class PocketSteps:
     """pocket-tts's TTSModel as batched steps over slots: all the scheduler knows of the model.
 
     Slot i holds row i's state: its FlowLM KV region (voice prompt, text, frames), its Mimi KV
-    ring and Mimi's convolution states. `chunk` runs on request threads (the tokenizer only);
+    ring and Mimi's convolution states. `chunks` runs on request threads (the tokenizer only);
     every other method runs on the scheduler's thread, `decode` on its Mimi thread while the
     others wait. Another model plugs in by offering the same methods.
     """
@@ -1793,7 +1893,7 @@ class PocketSteps:
     def prefill(self, rows: list[Sentence]) -> list[Prefix]:
         """The rows' prefixes and first latents, in one batched pass (`prefill`)."""
         jobs = [(row.voice_state, row.chunk.tokens, row.generator) for row in rows]
-        return [Prefix(*result) for result in prefill(self.model, jobs, self.linear)]
+        return prefill(self.model, jobs, self.linear)
 
     def place(self, slot: int, prefix: Prefix, frames: int):
         """A prefilled row into `slot` (slots below it are in use), growing the arrays to fit."""
@@ -2407,12 +2507,12 @@ class BatchScheduler:
 class Engine:
     """Voices, admission and audio: the one API that protocols use.
 
-    A request takes a place (`acquire`), then `speak` yields float32 mono numpy chunks at
-    `sample_rate` as the model produces them, stopping early once `stop` is set. With batched
+    A request takes a place (`acquire`) and its voice's state (`voice_state`); then `speak`
+    yields float32 mono numpy chunks at `sample_rate` as the model produces them, stopping early
+    once `stop` is set. With batched
     steps (`PocketSteps`) every sentence is a row of the BatchScheduler, which alone touches
     the model's state; a pocket-tts whose internals changed runs its own generate_audio_stream
-    per request instead. Voice encoding runs on the request's thread, one at a time: it reads
-    the weights only.
+    per request instead.
     """
 
     def __init__(
@@ -2431,11 +2531,8 @@ class Engine:
             model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
-        self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
-        self.cache = cache or LatentCache(None)
-        self.remote = RemoteVoices()
+        self.states = VoiceStates(model, cache or LatentCache(None), max_reference_seconds)
         self.max_batch = max_batch
-        self.max_reference_seconds = max_reference_seconds
         self.capacity = Capacity(1.0 / self.frame_rate, realtime_margin, max_batch)
         self.admission = Admission(self.capacity, max_queue, queue_timeout)
         self.steps = steps
@@ -2443,8 +2540,6 @@ class Engine:
         if steps is not None:
             self.scheduler = BatchScheduler(steps, self.capacity, max_batch,
                                             lambda: self.admission.active)  # fmt: skip
-        self._encoding = threading.Lock()  # one voice encoding at a time, beside the batch
-        self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
 
     # -- places -----------------------------------------------------------------------------------
 
@@ -2476,83 +2571,8 @@ class Engine:
     # -- voices -----------------------------------------------------------------------------------
 
     def voice_state(self, source: VoiceSource):
-        """The conditioned model state of a voice: encoded once per distinct recording, ever."""
-        if source.kind == "builtin":
-            key = f"builtin-{source.ref}"
-            state = self.cache.get(key)
-            if state is None:
-                with self._encoding:
-                    state = self.model.get_state_for_audio_prompt(source.ref)
-                self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
-            return state
-        data = None
-        if source.kind == "url":
-            key, data = self.remote.fetch(source.ref)
-        else:
-            try:
-                key = self.content_key(source)
-            except OSError:  # removed or replaced since it was resolved
-                raise VoiceError(f"voice {source.name!r} is no longer available.") from None
-        state = self.cache.get(key) or self._load_cached(key)
-        if state is None:
-            if source.kind == "url" and data is None:  # known unchanged, but its state was evicted
-                key, data = self.remote.fetch(source.ref, fresh=True)
-            state = self._encode_voice(source, data)
-            self.cache.put(key, state, persist=not source.is_state_file)
-        return state
-
-    def content_key(self, source: VoiceSource, data: bytes | None = None) -> str:
-        """SHA-256 of the recording's bytes (memoized by path, mtime and size)."""
-        if data is not None:
-            return hashlib.sha256(data).hexdigest()
-        st = os.stat(source.ref)
-        stamp = (source.ref, st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp not in self._hashes:
-            with open(source.ref, "rb") as f:
-                self._hashes[stamp] = hashlib.file_digest(f, "sha256").hexdigest()
-            while len(self._hashes) > 1024:
-                self._hashes.popitem(last=False)
-        return self._hashes[stamp]
-
-    def _load_cached(self, key: str):
-        """A state persisted by an earlier run; a corrupt file is discarded."""
-        path = self.cache.path(key)
-        if path is None or not path.is_file():
-            return None
-        try:
-            state = self.model.get_state_for_audio_prompt(path)
-        except Exception:  # noqa: BLE001 - any unreadable cache file is rebuilt
-            logger.warning("discarding unreadable voice cache file %s", path)
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-            return None
-        self.cache.put(key, state, persist=False)
-        return state
-
-    def _encode_voice(self, source: VoiceSource, data: bytes | None):
-        import torch
-
-        if source.is_state_file:
-            try:
-                return self.model.get_state_for_audio_prompt(Path(source.ref))
-            except Exception:  # noqa: BLE001 - a bad file is the client's or operator's
-                raise VoiceError(f"voice {source.name!r} is not a valid voice state.") from None
-        if not self.has_voice_cloning:
-            raise VoiceError(
-                "this server's model was loaded without the voice-cloning weights, so only "
-                "built-in voices can be used (accept the model's terms on the Hugging Face Hub "
-                "and log in to get them)."
-            )
-        if data is None:
-            data = Path(source.ref).read_bytes()
-        audio = decode_reference(data, self.sample_rate, self.max_reference_seconds)
-        with self._encoding:  # on the request's thread: the batch keeps stepping meanwhile
-            return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
-
-    def forget_voice(self, source: VoiceSource):
-        """Drop a file voice's cached state (memory and disk), before the file is deleted."""
-        with contextlib.suppress(OSError):
-            self.cache.forget(self.content_key(source))
+        """The conditioned model state of a voice (`VoiceStates.get`)."""
+        return self.states.get(source)
 
     def warm_up(self, voice_state):
         """Generate at start-up (torch's first run on new threads is slow). Batched, that is the
@@ -3472,7 +3492,7 @@ class SpeechServer:
                     source=path.name,
                     bytes=path.stat().st_size,
                     duration=None if source.is_state_file else audio_seconds(path),
-                    cached=self.engine.cache.status(self.engine.content_key(source)),
+                    cached=self.engine.states.cache.status(self.engine.states.content_key(source)),
                     usable=True,
                 )
             except (VoiceError, OSError) as exc:  # a broken entry in the voices folder
@@ -3564,14 +3584,15 @@ class SpeechServer:
 
     def forget_orphan(self, source: VoiceSource):
         """Drop the cached latents of an upload that was not kept, unless a voice shares them."""
+        states = self.engine.states
         with contextlib.suppress(OSError):
-            key = self.engine.content_key(source)
+            key = states.content_key(source)
             in_use = set()
             for path in self.voices.custom_files().values():
                 with contextlib.suppress(OSError):
-                    in_use.add(self.engine.content_key(VoiceSource("file", str(path), path.stem)))
+                    in_use.add(states.content_key(VoiceSource("file", str(path), path.stem)))
             if key not in in_use:
-                self.engine.cache.forget(key)
+                states.cache.forget(key)
 
     @staticmethod
     def hung_up() -> bool:
@@ -3609,7 +3630,7 @@ class SpeechServer:
             )
             raise ApiError(409, message, "name", "voice_in_use")
         with contextlib.suppress(VoiceError):
-            self.engine.forget_voice(self.voices.lookup(name))
+            self.engine.states.forget(self.voices.lookup(name))
         try:
             entry.unlink(missing_ok=True)
             with self.naming:

@@ -375,14 +375,20 @@ class LiveServer:
 
     def close(self):
         """Close every socket from the loop's own thread (closing them under its select() is a
-        race: EBADF there), after which the loop has nothing left and returns."""
+        race: EBADF there), after which the loop has nothing left and returns.
+
+        pull_trigger queues the thunk, then writes to the trigger's pipe: a loop that another
+        thread woke (a worker flushing its last bytes) can run the thunk, closing that pipe,
+        before the write, which then fails with EBADF although all is closed."""
 
         def close_all():
             for dispatcher in list(self.server._map.values()):
                 dispatcher.close()
 
-        self.server.trigger.pull_trigger(close_all)
+        with contextlib.suppress(OSError):
+            self.server.trigger.pull_trigger(close_all)
         self.thread.join(timeout=10)
+        assert not self.thread.is_alive() and not self.server._map
 
 
 @pytest.fixture
@@ -1024,8 +1030,8 @@ class TestVoiceLibrary:
         server = make_server(corrupted, voices_dir=str(voices_dir), cache_dir=str(cache))
         assert abs(spoken_freq(server.app.test_client(), voice="me") - 370) < 5  # rebuilt
         assert corrupted.encodes.count("clone") == 1
-        key = server.engine.content_key(server.voices.resolve("me"))
-        assert _import_model_state(server.engine.cache.path(key), torch.device("cpu"))
+        key = server.engine.states.content_key(server.voices.resolve("me"))
+        assert _import_model_state(server.engine.states.cache.path(key), torch.device("cpu"))
 
     def test_memory_cache_is_bounded(self):
         cache = srv.LatentCache(None, capacity=3)
@@ -1061,7 +1067,7 @@ class TestVoiceLibrary:
         assert client.get("/v1/voices/nova").json["maps_to"] == "anna"
         assert_openai_error(client.get("/v1/voices/nobody"), 404, "name")
 
-        cached = list(server.engine.cache.folder.glob("*.safetensors"))
+        cached = list(server.engine.states.cache.folder.glob("*.safetensors"))
         r = client.delete("/v1/voices/Speaker Two")
         assert r.status_code == 200 and r.json["deleted"] is True
         assert not (voices_dir / "Speaker Two.wav").exists()
@@ -2541,7 +2547,7 @@ class TestAttacks:
         web.slow = True
         monkeypatch.setattr(srv, "is_public_address", lambda ip: True)
         server = make_server(stub, allow_remote_voices=True)
-        server.engine.remote.deadline = 1.0
+        server.engine.states.remote.deadline = 1.0
         t0 = time.monotonic()
         assert_openai_error(speech(server.app.test_client(), voice=url), 400, "voice")
         assert time.monotonic() - t0 < 2.5  # not 0.3 s per byte for every byte
@@ -2726,7 +2732,7 @@ class TestAttacks:
         live_upload = voices_dir / f".upload-{os.getpid()}-7.wav"
         live_upload.write_bytes(b"in progress")
         server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
-        latents = server.engine.cache.folder
+        latents = server.engine.states.cache.folder
         latents.mkdir(parents=True)
         half = latents / f".{'a' * 64}.safetensors.{dead}.9"
         half.write_bytes(b"half")
@@ -2737,7 +2743,7 @@ class TestAttacks:
     def test_concurrent_same_name_uploads_leave_one_voice_and_no_orphan(self, stub, voices_dir,
                                                                          tmp_path):  # fmt: skip
         server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
-        latents = server.engine.cache.folder
+        latents = server.engine.states.cache.folder
         latents.mkdir(parents=True)
         before = set(latents.iterdir())
         results = []
@@ -3159,7 +3165,8 @@ class TestBatching:
         jobs = [(voices[i], tokens[i], seed(i)) for i in range(3)]
         with torch.no_grad():
             together = srv.prefill(model, jobs, linear)
-        for i, (caches, length, latent, _) in enumerate(together):
+        for i, prefix in enumerate(together):
+            caches, length, latent = prefix.caches, prefix.length, prefix.latent
             voice, text, _ = jobs[i]
             state = copy.deepcopy(voice)  # what pocket-tts does before generating
             model._expand_kv_cache(state, sequence_length=length)
