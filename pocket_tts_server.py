@@ -2234,7 +2234,7 @@ class BatchScheduler:
         """Queue sentences for their prefill (together: one pass); they join at the next tick."""
         with self.lock:
             if not self.running:
-                raise GenerationFailed("the server is shutting down")
+                raise GenerationFailed("the batch scheduler is stopped")
             self.jobs.extend(rows)
         self.wake.set()
 
@@ -2319,19 +2319,26 @@ class BatchScheduler:
         import torch
 
         decoding: Decoding | None = None
-        with torch.no_grad():
-            while self.running:
-                try:
-                    decoding = self._turn(decoding)
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    logger.exception("batched generation failed")
-                    self._fail_batch(decoding, exc)
-                    decoding = None
-        self._fail_batch(decoding, GenerationFailed("the server is shutting down"))
-        with self.lock:
-            left, self.jobs = list(self.jobs), deque()
-        for row in left:
-            row.fail(GenerationFailed("the server is shutting down"))
+        why = "the server is shutting down"
+        try:
+            with torch.no_grad():
+                while self.running:
+                    try:
+                        decoding = self._turn(decoding)
+                    except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                        logger.exception("batched generation failed")
+                        self._fail_batch(decoding, exc)
+                        decoding = None
+        except BaseException:  # noqa: BLE001 - whatever ends this thread, nobody waits for it
+            logger.critical("the batch scheduler stopped", exc_info=True)
+            why = "the batch scheduler stopped"
+        finally:
+            with self.lock:
+                self.running = False
+                left, self.jobs = list(self.jobs), deque()
+            self._fail_batch(decoding, GenerationFailed(why))
+            for row in left:
+                row.fail(GenerationFailed(why))
 
     def _turn(self, decoding: Decoding | None) -> Decoding | None:
         """One turn of the loop: calls, then a tick, or (nothing to do) a wait."""

@@ -2218,7 +2218,30 @@ class TestEngine:
         closer.join()
         assert all(isinstance(error, srv.GenerationFailed) for _, error, _ in outcomes.values())
         assert not engine.scheduler.thread.is_alive()
-        with pytest.raises(srv.GenerationFailed, match="shutting down"):
+        with pytest.raises(srv.GenerationFailed, match="stopped"):
+            list(engine.generate("Hello.", self.voice(stub), threading.Event()))
+
+    def test_a_scheduler_thread_that_dies_fails_its_readers_within_a_second(self, stub):
+        """Even what the loop does not catch (here SystemExit from a step) ends every waiting
+        request with an error at once, and later ones are refused (a reader that still waited
+        would notice the thread is gone within a second)."""
+        stub.frame_delay = 0.01
+        engine = make_server(stub, max_batch=2).engine
+        original = engine.steps.step
+
+        def die(*args):
+            if len(engine.scheduler.rows) == 2:
+                engine.steps.fault_at = time.monotonic()
+                raise SystemExit
+            return original(*args)
+
+        engine.steps.step = die
+        outcomes = generate_in_threads(engine, [LONG_TEXT, LONG_TEXT], self.voice(stub))
+        assert not engine.scheduler.thread.is_alive()
+        for _, error, ended in outcomes.values():
+            assert isinstance(error, srv.GenerationFailed) and "stopped" in str(error)
+            assert ended - engine.steps.fault_at < 1.0
+        with pytest.raises(srv.GenerationFailed, match="stopped"):  # and no one waits from now on
             list(engine.generate("Hello.", self.voice(stub), threading.Event()))
 
     def test_queued_requests_start_in_arrival_order(self, stub):
