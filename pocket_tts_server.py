@@ -34,7 +34,6 @@ Wyoming protocol, so Home Assistant's voice pipelines use it natively.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import asyncio
 import base64
@@ -697,6 +696,9 @@ STATE_EXTENSION = ".safetensors"  # a voice state exported by `pocket-tts export
 MAX_REFERENCE_SECONDS = 30.0  # pocket-tts's own truncation length for voice prompts
 MIN_REFERENCE_SECONDS = 0.5
 MAX_REFERENCE_BYTES = 50 * 1024 * 1024
+# Wall time a reference may take to decode: a normal 30 s recording takes well under a second; a
+# container of a million one-sample packets would take minutes.
+MAX_DECODE_SECONDS = 10.0
 UPLOADS_MANIFEST = ".uploads.json"  # the voices-dir files that came from uploads, by name
 UPLOAD_PREFIX = ".upload-"  # an upload being validated: ".upload-<pid>-<thread><suffix>"
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
@@ -761,15 +763,20 @@ def decode_reference(data: bytes, sample_rate: int, max_seconds: float = MAX_REF
     """Decode any audio PyAV reads to float32 mono at `sample_rate`, at most `max_seconds`."""
     limit = int(max_seconds * sample_rate)
     pieces: list[np.ndarray] = []
+    decoded, deadline = 0, time.monotonic() + MAX_DECODE_SECONDS  # linear work, bounded time
     try:
         with open_audio(io.BytesIO(data)) as container:
             if not container.streams.audio:
                 raise VoiceError("the voice file has no audio stream.")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             for frame in container.decode(container.streams.audio[0]):
-                pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
-                if sum(map(len, pieces)) >= limit:
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray().reshape(-1))
+                    decoded += pieces[-1].size
+                if decoded >= limit:
                     break
+                if time.monotonic() > deadline:
+                    raise VoiceError("the voice file takes too long to decode: re-encode it.")
             else:
                 pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except (av.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as exc:
@@ -3726,7 +3733,8 @@ class WyomingSession:
                 self.close()
 
         self.server, self.handler = server, Handler(reader, writer)
-        self.stop = threading.Event()
+        self.closed = False  # the client left
+        self.stops: set[threading.Event] = set()  # one per synthesis running now
         self.streaming: dict[str, Any] | None = None  # voice, pending text, sentence queue, task
 
     async def handle(self, event) -> bool:
@@ -3762,12 +3770,19 @@ class WyomingSession:
 
     async def start_stream(self, voice):
         sentences: asyncio.Queue = asyncio.Queue()
-        self.streaming = {"voice": self.voice_name(voice), "text": "", "sentences": sentences}
-        self.streaming["task"] = asyncio.create_task(self.speak_stream(sentences))
+        voice = self.voice_name(voice)
+        self.streaming = {"voice": voice, "text": "", "chars": 0, "sentences": sentences}
+        self.streaming["task"] = asyncio.create_task(self.speak_stream(voice, sentences))
 
     async def add_text(self, text: str):
-        stream = self.streaming
-        finished, stream["text"] = split_finished(stream["text"] + str(text))
+        stream, text = self.streaming, str(text)
+        stream["chars"] += len(text)
+        if stream["chars"] > self.server.settings.max_input_chars:
+            self.streaming = None
+            stream["task"].cancel()
+            await self.too_long()
+            return
+        finished, stream["text"] = split_finished(stream["text"] + text)
         for sentence in finished:
             stream["sentences"].put_nowait(sentence)
 
@@ -3781,8 +3796,9 @@ class WyomingSession:
         await stream["task"]
         await self.handler.write_event(SynthesizeStopped().event())
 
-    async def speak_stream(self, sentences: asyncio.Queue):
-        voice = self.streaming["voice"]
+    async def speak_stream(self, voice: str | None, sentences: asyncio.Queue):
+        """Speak each finished sentence in order (the voice given at the start: events that
+        arrived in one read may have ended the stream before this task first runs)."""
         while (sentence := await sentences.get()) is not None:
             await self.speak(sentence, voice)
 
@@ -3793,6 +3809,8 @@ class WyomingSession:
         from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
         server, loop = self.server, asyncio.get_running_loop()
+        if len(text) > server.settings.max_input_chars:
+            return await self.too_long()
         script = speech_script(text, server.language)
         speaks = any(isinstance(part, str) for part in script)
         try:  # the same resolution and loading as HTTP, errors as Wyoming `error` events
@@ -3803,27 +3821,43 @@ class WyomingSession:
         except ApiError as exc:
             return await self.error(exc.message, exc.code)
         try:
-            release = await loop.run_in_executor(None, server.engine.acquire, self.stop.is_set)
+            release = await loop.run_in_executor(None, server.engine.acquire, self.gone)
         except (Busy, ClientGone) as exc:
             return await self.error(str(exc) or "The client left.", "busy")
-        rate = server.engine.sample_rate
-        audio = server.engine.speak(script, state, self.stop)
+        rate, stop = server.engine.sample_rate, threading.Event()
+        self.stops.add(stop)
+        timer = loop.call_later(server.settings.request_timeout, stop.set)  # as HTTP's
+        audio = server.engine.speak(script, state, stop)
         try:
             await self.handler.write_event(AudioStart(rate=rate, width=2, channels=1).event())
             while (samples := await loop.run_in_executor(None, next, audio, None)) is not None:
                 chunk = AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples))
                 await self.handler.write_event(chunk.event())
             await self.handler.write_event(AudioStop().event())
+        except GenerationFailed:
+            logger.exception("synthesis failed")
+            await self.error("The model failed on this text and voice.", "synthesis_failed")
         except BaseException:
-            self.stop.set()  # the client left (or the task was cancelled): stop generating
+            stop.set()  # the client left (or the task was cancelled): stop generating
             raise
         finally:
+            timer.cancel()
             await loop.run_in_executor(None, audio.close)
             release()
+            self.stops.discard(stop)
+
+    async def too_long(self):
+        limit = self.server.settings.max_input_chars
+        await self.error(f"The text is longer than {limit} characters.", "too_long")
+
+    def gone(self) -> bool:
+        return self.closed
 
     def close(self):
         """The client left: stop its generation now."""
-        self.stop.set()
+        self.closed = True
+        for stop in list(self.stops):
+            stop.set()
         if self.streaming:
             self.streaming["task"].cancel()
 
@@ -3838,6 +3872,10 @@ def wyoming_service_info(port: int, host: str, name: str | None = None):
                        properties={"name": SERVER_NAME})  # fmt: skip
 
 
+class WyomingError(RuntimeError):
+    """The Wyoming server could not start."""
+
+
 def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = False) -> int:
     """Serve Wyoming on a background event loop; return the bound port."""
     from wyoming.server import AsyncTcpServer
@@ -3849,10 +3887,12 @@ def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = F
     def handler(reader, writer):
         return WyomingSession(server, reader, writer).handler
 
-    asyncio.run_coroutine_threadsafe(tcp.start(handler), loop)
     threading.Thread(target=loop.run_forever, name="wyoming", daemon=True).start()
-    while tcp._server is None or not tcp._server.sockets:
-        time.sleep(0.01)
+    try:
+        asyncio.run_coroutine_threadsafe(tcp.start(handler), loop).result(timeout=10)
+    except (OSError, concurrent.futures.TimeoutError) as exc:
+        loop.call_soon_threadsafe(loop.stop)
+        raise WyomingError(f"the Wyoming port {host}:{port} cannot be opened ({exc}).") from None
     bound = tcp._server.sockets[0].getsockname()[1]
     if zeroconf:
         from zeroconf.asyncio import AsyncZeroconf
@@ -3944,7 +3984,13 @@ def main(argv: list[str] | None = None) -> int:
     http = http_server(server.app, settings)
     if settings.wyoming_port:
         host = settings.wyoming_host or settings.host
-        start_wyoming(server, host, settings.wyoming_port, settings.wyoming_zeroconf)
+        try:
+            start_wyoming(server, host, settings.wyoming_port, settings.wyoming_zeroconf)
+        except WyomingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            http.close()
+            server.engine.close()
+            return 2
     logger.info(
         "serving %s on http://%s:%d/ (device %s, streaming by default: %s)",
         settings.model_path,
@@ -4024,8 +4070,23 @@ def raise_open_files_limit(wanted: int):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def stop_serving(http):
+    """Make `http.run()` return: every socket closed from the loop's own thread (waitress has no
+    public stop; closing them under its select() from another thread is a race)."""
+
+    def close_all():
+        for dispatcher in list(http._map.values()):
+            dispatcher.close()
+
+    with contextlib.suppress(OSError):  # the loop may run the thunk before the trigger's write
+        http.trigger.pull_trigger(close_all)
+
+
 def drain_then_exit(http, server: SpeechServer, seconds: float):
-    """SIGTERM: take no new connections, let running streams finish (bounded), then exit."""
+    """SIGTERM: take no new connections, let running streams finish (bounded), then exit.
+
+    The main thread returns from `http.run()`: no reliance on SIGINT, which a shell ignores in
+    the processes it starts in the background (`cmd &`, nohup)."""
     logger.info("SIGTERM: finishing %d running requests (at most %.0f s)",
                 server.engine.active + server.engine.waiting, seconds)  # fmt: skip
     http.accepting = False  # waitress stops accepting; open connections keep being served
@@ -4035,7 +4096,7 @@ def drain_then_exit(http, server: SpeechServer, seconds: float):
         while server.engine.active + server.engine.waiting and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)  # let the last bytes leave
-        _thread.interrupt_main()
+        stop_serving(http)
 
     threading.Thread(target=wait_and_stop, daemon=True).start()
 

@@ -1850,6 +1850,28 @@ class TestLimits:
 
 
 class TestHostileInput:
+    def test_decoding_a_reference_is_linear_and_bounded_in_time(self, monkeypatch):
+        """Issue #19: one sample per packet (a NUT container) used to decode in quadratic time:
+        40,000 packets took 39 s. Decoding is linear, and stops at MAX_DECODE_SECONDS."""
+        buffer = io.BytesIO()
+        samples = (tone(250, 40_000 / SR) * 32767).astype(np.int16)
+        with av.open(buffer, "w", format="nut") as container:
+            stream = container.add_stream("pcm_s16le", rate=SR, layout="mono")
+            for i, sample in enumerate(samples):
+                frame = av.AudioFrame.from_ndarray(
+                    sample.reshape(1, 1), format="s16", layout="mono"
+                )
+                frame.sample_rate, frame.pts = SR, i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        data = buffer.getvalue()
+        t0 = time.monotonic()
+        audio = srv.decode_reference(data, SR)
+        assert audio.size == 40_000 and time.monotonic() - t0 < 10  # quadratic: 39 s
+        monkeypatch.setattr(srv, "MAX_DECODE_SECONDS", 0.0)
+        with pytest.raises(srv.VoiceError, match="too long to decode"):
+            srv.decode_reference(data, SR)
+
     def test_bad_reference_files_are_rejected_fast_without_leaking(
         self, stub, voices_dir, tmp_path, reference
     ):
@@ -3004,6 +3026,35 @@ class TestRealModel:
             proc.kill()
         assert abs(duration(data) - self.library_seconds(real.model, text)) < 1e-3
 
+    def test_sigterm_ends_a_server_started_with_sigint_ignored(self, real, tmp_path,
+                                                               tokenizer_path):  # fmt: skip
+        """Issue #19: `cmd &` in a script starts the server with SIGINT ignored; SIGTERM used to
+        rely on SIGINT and never ended it. And a Wyoming port that cannot be bound ends start-up
+        with a message and exit code 2, instead of leaving HTTP serving alone."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = random_weight_config(tmp_path, tokenizer_path)
+        command = [sys.executable, str(HERE / "pocket_tts_server.py"), "--model_path", str(config),
+                   "--port", str(port), "--default_voice", str(real.server.voices.default.ref),
+                   "--cache_dir", str(tmp_path / "cache"), "--voices_dir", str(tmp_path / "v")]  # fmt: skip
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+        try:
+            assert wait_for(lambda: proc.poll() is not None or port_open(port), timeout=60)
+            assert post_json(f"http://127.0.0.1:{port}", {"input": "Hi."}).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            proc.kill()
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            wyoming = ["--wyoming_port", str(held.getsockname()[1])]
+            done = subprocess.run(command + wyoming, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "Wyoming port" in done.stderr
+        assert not port_open(port)
+
     @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
     def test_openai_sdk(self, real, speed):
         import openai
@@ -3715,6 +3766,74 @@ class TestWyoming:
             with contextlib.suppress(OSError):
                 sock.recv(65536)
         self.test_describe(port)  # the server still answers
+
+    @staticmethod
+    async def raw_events(port: int, data: bytes, until: str) -> list:
+        """Send `data` in one write; read events until one of type `until` (or an error)."""
+        from wyoming.event import async_read_event
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            events = []
+            while not events or events[-1].type not in (until, "error"):
+                event = await asyncio.wait_for(async_read_event(reader), 60)
+                assert event is not None, [e.type for e in events]
+                events.append(event)
+            return events
+        finally:
+            writer.close()
+
+    def test_start_chunks_and_stop_in_one_write_are_spoken(self, real, port):
+        """Issue #19: Home Assistant can send a short streamed reply in one burst; the stream's
+        task used to read the voice after the stop had ended the stream, and answered `error`."""
+        lines = [{"type": "synthesize-start", "data": {"voice": {"name": "ref"}}},
+                 {"type": "synthesize-chunk", "data": {"text": "Hello world. "}},
+                 {"type": "synthesize-chunk", "data": {"text": "It ends here."}},
+                 {"type": "synthesize-stop"}]  # fmt: skip
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        events = asyncio.run(self.raw_events(port, data, "synthesize-stopped"))
+        kinds = [e.type for e in events]
+        assert "error" not in kinds and kinds[-1] == "synthesize-stopped"
+        spoken = sum(len(e.payload or b"") for e in events if e.type == "audio-chunk") / 2 / SR
+        want = sum(self.http_pcm_seconds(real, t) for t in ("Hello world.", "It ends here."))
+        assert spoken == pytest.approx(want, abs=1e-3)
+
+    def test_the_input_limit_and_request_timeout_hold_over_wyoming(self, real, port, monkeypatch):
+        """Issue #19: Wyoming used to accept any length and run past --request_timeout."""
+        from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
+
+        monkeypatch.setattr(real.server.settings, "max_input_chars", 40)
+
+        async def run(*eventables):
+            async with Wyoming(port) as w:
+                for eventable in eventables:
+                    await w.send(eventable)
+                return await w.audio()
+
+        (kind, _, data), *_ = asyncio.run(run(Synthesize(text="Hello world. " * 4)))
+        assert kind == "error" and data["code"] == "too_long" and "40" in data["text"]
+        chunks = [SynthesizeChunk(text="Hello world, ") for _ in range(4)]
+        (kind, _, data), *_ = asyncio.run(run(SynthesizeStart(), *chunks))
+        assert kind == "error" and data["code"] == "too_long"
+        monkeypatch.setattr(real.server.settings, "max_input_chars", 4096)
+        text = " ".join(CORPUS * 3)
+        whole = self.http_pcm_seconds(real, text)
+        monkeypatch.setattr(real.server.settings, "request_timeout", 0.5)
+        t0 = time.monotonic()
+        events = asyncio.run(run(Synthesize(text=text)))
+        assert events[-1][0] == "audio-stop" and time.monotonic() - t0 < 5
+        assert 0 < pcm_seconds(events) < whole / 2
+
+    def test_a_port_that_cannot_be_bound_fails_at_once(self, real):
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            t0 = time.monotonic()
+            with pytest.raises(srv.WyomingError, match="cannot be opened"):
+                srv.start_wyoming(real.server, "127.0.0.1", held.getsockname()[1])
+        assert time.monotonic() - t0 < 10
 
     def test_a_full_server_answers_busy(self, real, port, monkeypatch):
         from wyoming.tts import Synthesize
