@@ -700,8 +700,55 @@ MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 # container of a million one-sample packets would take minutes.
 MAX_DECODE_SECONDS = 10.0
 UPLOADS_MANIFEST = ".uploads.json"  # the voices-dir files that came from uploads, by name
-UPLOAD_PREFIX = ".upload-"  # an upload being validated: ".upload-<pid>-<thread><suffix>"
+# A kill -9 in the middle of a write leaves no partial voice or cache entry: every file is written
+# under a temporary name (`temp_file`) and renamed. What it leaves is removed at the next start
+# (`remove_leftovers`): our own when its process is gone, any other when older than this, since
+# a writer in another container or on another host has pids that are not ours to check.
+LEFTOVER_SECONDS = 3600.0
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
+
+
+def writer_id() -> str:
+    """This host and PID namespace, in 8 hex digits: pids are only comparable within one."""
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+        return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+TEMP_NAME = re.compile(r"\.(?:upload|latent|manifest)-([0-9a-f]{8})-(\d+)-\d+.*")
+
+
+def temp_file(folder: Path, kind: str, suffix: str = "") -> Path:
+    """A temporary file in `folder` for an atomic write by this thread:
+    `.{kind}-{writer_id}-{pid}-{thread}{suffix}` (kind: upload, latent or manifest)."""
+    return folder / f".{kind}-{writer_id()}-{os.getpid()}-{threading.get_ident()}{suffix}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # PermissionError: alive, another user's
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def remove_leftovers(folder: Path):
+    """Delete what interrupted writes left in `folder`: temporary files of ours whose process
+    died, and any temporary file (safetensors' own `.tmp*` too) older than LEFTOVER_SECONDS."""
+    me, now = writer_id(), time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.glob(".*"):
+            ours = TEMP_NAME.fullmatch(path.name)
+            if not ours and not path.name.startswith(".tmp"):
+                continue
+            with contextlib.suppress(OSError):
+                dead = ours and ours[1] == me and not pid_alive(int(ours[2]))
+                if dead or now - path.stat().st_mtime > LEFTOVER_SECONDS:
+                    path.unlink()
+                    logger.info("removed %s, left by an interrupted write", path)
 
 
 class VoiceError(ValueError):
@@ -1057,7 +1104,7 @@ class VoiceCatalog:
         """Record that a voices-dir file came from an upload, or forget it (written atomically)."""
         names = self.uploaded()
         names = names | {file_name} if uploaded else names - {file_name}
-        tmp = self.voices_dir / f"{UPLOAD_PREFIX}{os.getpid()}-{threading.get_ident()}.json"
+        tmp = temp_file(self.voices_dir, "manifest", ".json")
         try:
             tmp.write_text(json.dumps(sorted(names)))
             os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
@@ -1086,6 +1133,7 @@ class LatentCache:
         self.capacity = capacity
         self.memory: OrderedDict[str, Any] = OrderedDict()
         self.lock = threading.Lock()
+        self.failing = False  # the last write failed (read-only, full): it is still tried
 
     def path(self, key: str) -> Path | None:
         return self.folder / f"{key}{STATE_EXTENSION}" if self.folder else None
@@ -1107,19 +1155,20 @@ class LatentCache:
         if persist and path is not None and not path.exists():
             from pocket_tts.models.model_state import export_model_state
 
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp = temp_file(path.parent, "latent")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 export_model_state(state, tmp)
                 os.replace(tmp, path)
             except Exception as exc:  # noqa: BLE001 - OSError, SafetensorError: read-only or full
-                logger.warning(
-                    "cannot write the voice cache in %s (%s): keeping voice states in memory only",
-                    self.folder, exc,
-                )  # fmt: skip
-                self.folder = None
+                if not self.failing:  # once per run of failures: a full disk must not flood logs
+                    logger.warning("cannot write the voice cache in %s (%s): this voice state "
+                                   "stays in memory only", self.folder, exc)  # fmt: skip
+                self.failing = True
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
+            else:
+                self.failing = False
 
     def forget(self, key: str):
         with self.lock:
@@ -1132,27 +1181,6 @@ class LatentCache:
     def status(self, key: str) -> dict[str, bool]:
         path = self.path(key)
         return {"memory": key in self.memory, "disk": bool(path and path.exists())}
-
-
-def remove_leftovers(folder: Path, pattern: str):
-    """Delete the temporary files (`pattern`, with the writer's pid) of processes that died."""
-    with contextlib.suppress(OSError):
-        for path in folder.glob(pattern):
-            pid = re.search(r"[.-](\d+)[.-]\d+", path.name)
-            if pid is None or not pid_alive(int(pid[1])):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                    logger.info("removed %s, left by an interrupted write", path)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # PermissionError: alive, another user's
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass
-    return True
 
 
 def model_fingerprint(model, extra: str = "") -> str:
@@ -3568,7 +3596,7 @@ class SpeechServer:
             message = f"'{field}' is larger than {self.settings.max_upload_mb} MiB."
             raise ApiError(413, message, field, "file_too_large")
         folder = self.voices.voices_dir
-        tmp = folder / f"{UPLOAD_PREFIX}{os.getpid()}-{threading.get_ident()}{suffix}"
+        tmp = temp_file(folder, "upload", suffix)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
@@ -3946,8 +3974,8 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
     fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
     latents = cache_root / "latents" / fingerprint
     voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
-    remove_leftovers(latents, f".*{STATE_EXTENSION}.*")  # a kill -9 mid-write leaves these
-    remove_leftovers(voices_dir, f"{UPLOAD_PREFIX}*")
+    remove_leftovers(latents)  # a kill -9 mid-write leaves these
+    remove_leftovers(voices_dir)
     settings.max_batch = settings.max_batch or default_max_batch(steps)
     engine = Engine(
         model,

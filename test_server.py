@@ -2628,7 +2628,12 @@ class TestAttacks:
         assert spoken_freq(client) == pytest.approx(290, abs=3)
         assert upload(client, "other", wav_bytes(370)).status_code == 201
         assert spoken_freq(client, voice="other") == pytest.approx(370, abs=3)
-        assert "keeping voice states in memory only" in caplog.text
+        assert caplog.text.count("stays in memory only") == 1  # once per run of failures
+        if failure != "mkdir":  # issue #19: one failed write no longer turns the cache off
+            monkeypatch.undo()
+            assert upload(client, "third", wav_bytes(430)).status_code == 201
+            key = server.engine.states.content_key(server.voices.resolve("third"))
+            assert server.engine.states.cache.path(key).is_file()
 
     @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
     def test_json_only_as_json(self, client, content_type):
@@ -2772,18 +2777,32 @@ class TestAttacks:
         assert err["code"] == "voices_dir_not_writable"
 
     def test_leftovers_of_a_kill_are_removed_at_start(self, stub, voices_dir, tmp_path):
-        dead = 2**22 + 12345  # no such process
-        (voices_dir / f".upload-{dead}-7.wav").write_bytes(b"half")
-        live_upload = voices_dir / f".upload-{os.getpid()}-7.wav"
+        """Ours whose process died go at once; another container's or host's (its pids are not
+        ours to check, issue #19) and safetensors' own temporary files only once they are old."""
+        dead, me = 2**22 + 12345, srv.writer_id()  # no such process
+        half_upload = voices_dir / f".upload-{me}-{dead}-7.wav"
+        half_upload.write_bytes(b"half")
+        live_upload = voices_dir / f".upload-{me}-{os.getpid()}-7.wav"
         live_upload.write_bytes(b"in progress")
+        elsewhere = voices_dir / f".upload-0badc0de-{dead}-7.wav"  # another PID namespace
+        elsewhere.write_bytes(b"in progress there")
         server = make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
         latents = server.engine.states.cache.folder
         latents.mkdir(parents=True)
-        half = latents / f".{'a' * 64}.safetensors.{dead}.9"
+        half = latents / f".latent-{me}-{dead}-9"
         half.write_bytes(b"half")
+        safetensors_tmp, stale = latents / ".tmpa1b2c3", latents / ".latent-0badc0de-5-9"
+        for path in (safetensors_tmp, stale):
+            path.write_bytes(b"half")
+        old = time.time() - srv.LEFTOVER_SECONDS - 60
+        os.utime(stale, (old, old))
         make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
-        assert not half.exists() and not (voices_dir / f".upload-{dead}-7.wav").exists()
-        assert live_upload.exists()  # another running server's upload is left alone
+        assert not half.exists() and not half_upload.exists() and not stale.exists()
+        assert live_upload.exists() and elsewhere.exists() and safetensors_tmp.exists()
+        os.utime(safetensors_tmp, (old, old))
+        os.utime(elsewhere, (old, old))
+        make_server(stub, voices_dir=str(voices_dir), cache_dir=str(tmp_path / "c"))
+        assert not safetensors_tmp.exists() and not elsewhere.exists()
 
     def test_concurrent_same_name_uploads_leave_one_voice_and_no_orphan(self, stub, voices_dir,
                                                                          tmp_path):  # fmt: skip
