@@ -1284,11 +1284,6 @@ class VoiceStates:
         with self._encoding:  # on the request's thread: the batch keeps stepping meanwhile
             return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
 
-    def forget(self, source: VoiceSource):
-        """Drop a file voice's cached state (memory and disk), before the file is deleted."""
-        with contextlib.suppress(OSError):
-            self.cache.forget(self.content_key(source))
-
 
 # =================================================================================================
 # Synthesis
@@ -3626,15 +3621,17 @@ class SpeechServer:
 
     def forget_orphan(self, source: VoiceSource):
         """Drop the cached latents of an upload that was not kept, unless a voice shares them."""
-        states = self.engine.states
         with contextlib.suppress(OSError):
-            key = states.content_key(source)
-            in_use = set()
-            for path in self.voices.custom_files().values():
-                with contextlib.suppress(OSError):
-                    in_use.add(states.content_key(VoiceSource("file", str(path), path.stem)))
-            if key not in in_use:
-                states.cache.forget(key)
+            self.forget_unshared(self.engine.states.content_key(source))
+
+    def forget_unshared(self, key: str):
+        """Drop the cached latents `key`, unless a voice in the voices folder has those bytes."""
+        states, in_use = self.engine.states, set()
+        for path in self.voices.custom_files().values():
+            with contextlib.suppress(OSError):
+                in_use.add(states.content_key(VoiceSource("file", str(path), path.stem)))
+        if key not in in_use:
+            states.cache.forget(key)
 
     @staticmethod
     def hung_up() -> bool:
@@ -3671,8 +3668,9 @@ class SpeechServer:
                 "OpenAI voice name (--default_voice, --voice_map), so it stays."
             )
             raise ApiError(409, message, "name", "voice_in_use")
-        with contextlib.suppress(VoiceError):
-            self.engine.states.forget(self.voices.lookup(name))
+        key = None
+        with contextlib.suppress(VoiceError, OSError):
+            key = self.engine.states.content_key(self.voices.lookup(name))
         try:
             entry.unlink(missing_ok=True)
             with self.naming:
@@ -3682,6 +3680,8 @@ class SpeechServer:
             raise ApiError(409, message, "name", "not_deletable") from None
         except OSError:
             raise voices_dir_unwritable() from None
+        if key is not None:  # another voice with the same bytes keeps them (issue #19)
+            self.forget_unshared(key)
         return entry.stem
 
     # -- page -------------------------------------------------------------------------------------

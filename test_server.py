@@ -2776,6 +2776,24 @@ class TestAttacks:
         err = assert_openai_error(client.delete("/v1/voices/kept"), 403)
         assert err["code"] == "voices_dir_not_writable"
 
+    def test_deleting_a_voice_keeps_the_latents_of_a_voice_with_the_same_bytes(self, stub,
+                                                                            voices_dir):  # fmt: skip
+        """Issue #19: a delete evicted the cached latents of every voice with identical bytes."""
+        server = make_server(stub, voices_dir=str(voices_dir))
+        client = server.app.test_client()
+        data = wav_bytes(330)
+        assert upload(client, "first", data).status_code == 201
+        assert upload(client, "twin", data).status_code == 201
+        states = server.engine.states
+        key = states.content_key(server.voices.resolve("twin"))
+        assert client.delete("/v1/voices/first").status_code == 200
+        assert states.cache.path(key).is_file() and states.cache.status(key)["memory"]
+        encodes = stub.encodes.count("clone")
+        assert spoken_freq(client, voice="twin") == pytest.approx(330, abs=3)
+        assert stub.encodes.count("clone") == encodes  # not encoded again
+        assert client.delete("/v1/voices/twin").status_code == 200
+        assert not states.cache.path(key).exists()  # the last one takes them along
+
     def test_leftovers_of_a_kill_are_removed_at_start(self, stub, voices_dir, tmp_path):
         """Ours whose process died go at once; another container's or host's (its pids are not
         ours to check, issue #19) and safetensors' own temporary files only once they are old."""
