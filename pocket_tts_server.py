@@ -3854,14 +3854,23 @@ class WyomingSession:
             return await self.error(str(exc) or "The client left.", "busy")
         rate, stop = server.engine.sample_rate, threading.Event()
         self.stops.add(stop)
-        timer = loop.call_later(server.settings.request_timeout, stop.set)  # as HTTP's
+        deadline = loop.time() + server.settings.request_timeout  # as HTTP's
+        timer = loop.call_at(deadline, stop.set)
         audio = server.engine.speak(script, state, stop)
+
+        async def send(eventable):  # a client that stops reading holds its place until the deadline
+            await asyncio.wait_for(self.handler.write_event(eventable.event()),
+                                   max(0.0, deadline - loop.time()) + 1.0)  # fmt: skip
+
         try:
-            await self.handler.write_event(AudioStart(rate=rate, width=2, channels=1).event())
+            await send(AudioStart(rate=rate, width=2, channels=1))
             while (samples := await loop.run_in_executor(None, next, audio, None)) is not None:
-                chunk = AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples))
-                await self.handler.write_event(chunk.event())
-            await self.handler.write_event(AudioStop().event())
+                await send(AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples)))
+            await send(AudioStop())
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            logger.warning("a Wyoming client stopped reading: its connection is closed")
+            self.close()
+            self.handler.writer.close()
         except GenerationFailed:
             logger.exception("synthesis failed")
             await self.error("The model failed on this text and voice.", "synthesis_failed")

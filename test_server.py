@@ -3863,6 +3863,20 @@ class TestWyoming:
         assert events[-1][0] == "audio-stop" and time.monotonic() - t0 < 5
         assert 0 < pcm_seconds(events) < whole / 2
 
+    def test_a_client_that_stops_reading_frees_its_place(self, real, port, monkeypatch):
+        """Issue #19: a Wyoming client that never reads held its stream's place for minutes.
+        Its place is freed at --request_timeout (writes are bounded by it too)."""
+        monkeypatch.setattr(real.server.settings, "request_timeout", 1.0)
+        engine = real.server.engine
+        event = {"type": "synthesize", "data": {"text": " ".join(CORPUS * 15)}}  # ~2 min
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(json.dumps(event).encode() + b"\n")  # and never reads
+            assert wait_for(lambda: engine.active == 1, timeout=10)
+            assert wait_for(lambda: engine.active == 0, timeout=10)  # it took ~20 s to speak
+        self.test_describe(port)  # the server still answers
+
     def test_a_port_that_cannot_be_bound_fails_at_once(self, real):
         with socket.socket() as held:
             held.bind(("127.0.0.1", 0))
