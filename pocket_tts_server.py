@@ -3742,28 +3742,92 @@ def wyoming_info(server: SpeechServer):
     return Info(tts=[program])
 
 
+MAX_WYOMING_EVENT_BYTES = 1 << 20  # an event's data or payload (a TTS client sends text only)
+
+
+class WyomingTooLarge(ValueError):
+    """An event header that declares more than MAX_WYOMING_EVENT_BYTES, or no line end."""
+
+
+async def read_wyoming_event(reader):
+    """wyoming's async_read_event, every size bounded: the header line by the reader's limit
+    (64 KiB), its data and payload by MAX_WYOMING_EVENT_BYTES. None at the end of the stream."""
+    from wyoming.event import Event
+
+    try:
+        line = await reader.readline()
+    except (asyncio.LimitOverrunError, ValueError):
+        raise WyomingTooLarge("An event header line is too long.") from None
+    if not line:
+        return None
+    header = json.loads(line)  # ValueError: malformed, answered as such
+    parts = {}
+    for key in ("data_length", "payload_length"):
+        size = header.get(key) or 0
+        if not isinstance(size, int) or not 0 <= size <= MAX_WYOMING_EVENT_BYTES:
+            raise WyomingTooLarge(f"'{key}' must be at most {MAX_WYOMING_EVENT_BYTES} bytes.")
+        parts[key] = await reader.readexactly(size) if size else None
+    data = dict(header.get("data") or {})
+    if parts["data_length"]:
+        data.update(json.loads(parts["data_length"]))
+    return Event(type=header["type"], data=data, payload=parts["payload_length"])
+
+
 class WyomingSession:
     """One Wyoming connection: `synthesize`, and streamed `synthesize-start/-chunk/-stop`.
 
     Audio goes out as it is generated (audio-start, audio-chunk..., audio-stop per text). In a
     streamed request each sentence is spoken as soon as its end arrives, in order, by one task;
-    a disconnect stops its generation and frees its place at once.
+    a disconnect stops its generation and frees its place at once. Connections are bounded as
+    HTTP's are: at most --max_connections, closed after --idle_timeout with nothing to do, every
+    event's size capped.
     """
 
-    def __init__(self, server: SpeechServer, reader, writer):
+    def __init__(self, server: SpeechServer, reader, writer, sessions: set):
         from wyoming.server import AsyncEventHandler
 
         class Handler(AsyncEventHandler):
             async def handle_event(handler, event) -> bool:  # noqa: N805
                 return await self.handle(event)
 
-            async def disconnect(handler):  # noqa: N805
-                self.close()
+            async def run(handler):  # noqa: N805
+                await self.serve()
 
-        self.server, self.handler = server, Handler(reader, writer)
+        self.server, self.handler, self.sessions = server, Handler(reader, writer), sessions
         self.closed = False  # the client left
         self.stops: set[threading.Event] = set()  # one per synthesis running now
         self.streaming: dict[str, Any] | None = None  # voice, pending text, sentence queue, task
+
+    async def serve(self):
+        """Read and handle events until the client leaves, goes idle, or breaks a limit."""
+        settings = self.server.settings
+        try:
+            if len(self.sessions) >= settings.max_connections:
+                await self.error("Too many connections: retry later.", "busy")
+                return
+            self.sessions.add(self)
+            while True:
+                try:
+                    read = read_wyoming_event(self.handler.reader)
+                    event = await asyncio.wait_for(read, settings.idle_timeout)
+                except asyncio.TimeoutError:
+                    if self.stops or self.streaming:  # speaking: not idle
+                        continue
+                    return
+                except WyomingTooLarge as exc:
+                    await self.error(str(exc), "too_large")
+                    return
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    await self.error("The event is not what the Wyoming protocol defines.", "bad")
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if event is None or not await self.handle(event):
+                    return
+        finally:
+            self.sessions.discard(self)
+            self.close()
+            self.handler.writer.close()
 
     async def handle(self, event) -> bool:
         from wyoming.info import Describe
@@ -3921,8 +3985,10 @@ def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = F
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(64, "wyoming"))
     tcp = AsyncTcpServer(host, port)
 
+    sessions: set[WyomingSession] = set()
+
     def handler(reader, writer):
-        return WyomingSession(server, reader, writer).handler
+        return WyomingSession(server, reader, writer, sessions).handler
 
     threading.Thread(target=loop.run_forever, name="wyoming", daemon=True).start()
     try:

@@ -3877,6 +3877,46 @@ class TestWyoming:
             assert wait_for(lambda: engine.active == 0, timeout=10)  # it took ~20 s to speak
         self.test_describe(port)  # the server still answers
 
+    def test_connections_are_bounded_in_size_number_and_idle_time(self, real, port,
+                                                                   monkeypatch):  # fmt: skip
+        """Issue #19: a declared payload of 1e12 bytes was buffered without limit, idle
+        connections were never closed and their number never capped."""
+        from wyoming.event import async_read_event
+
+        async def answer(data: bytes):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(data)
+                await writer.drain()
+                event = await asyncio.wait_for(async_read_event(reader), 10)
+                closed = await asyncio.wait_for(reader.read(), 10) == b""
+                return event, closed
+            finally:
+                writer.close()
+
+        huge = json.dumps({"type": "synthesize", "payload_length": 10**12}).encode() + b"\n"
+        event, closed = asyncio.run(answer(huge + b"x" * 1000))
+        assert event.type == "error" and event.data["code"] == "too_large" and closed
+        endless = b"{" + b" " * 100_000  # a header with no line end
+        event, closed = asyncio.run(answer(endless))
+        assert event.type == "error" and event.data["code"] == "too_large" and closed
+        monkeypatch.setattr(real.server.settings, "idle_timeout", 1)
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            idle.settimeout(10)
+            assert idle.recv(1) == b""  # closed by the server
+        assert 0.9 < time.monotonic() - t0 < 5
+        monkeypatch.setattr(real.server.settings, "idle_timeout", 30)
+        monkeypatch.setattr(real.server.settings, "max_connections", 2)
+        with socket.create_connection(("127.0.0.1", port)), \
+                socket.create_connection(("127.0.0.1", port)):  # fmt: skip
+            time.sleep(0.2)
+            describe = json.dumps({"type": "describe"}).encode() + b"\n"
+            event, closed = asyncio.run(answer(describe))
+            assert event.type == "error" and event.data["code"] == "busy" and closed
+        time.sleep(0.2)
+        self.test_describe(port)  # a place again
+
     def test_a_port_that_cannot_be_bound_fails_at_once(self, real):
         with socket.socket() as held:
             held.bind(("127.0.0.1", 0))
