@@ -700,6 +700,7 @@ MAX_REFERENCE_BYTES = 50 * 1024 * 1024
 # container of a million one-sample packets would take minutes.
 MAX_DECODE_SECONDS = 10.0
 UPLOADS_MANIFEST = ".uploads.json"  # the voices-dir files that came from uploads, by name
+UPLOADS_LOCK = ".uploads.lock"  # held while a process changes the manifest
 # A kill -9 in the middle of a write leaves no partial voice or cache entry: every file is written
 # under a temporary name (`temp_file`) and renamed. What it leaves is removed at the next start
 # (`remove_leftovers`): our own when its process is gone, any other when older than this, since
@@ -723,6 +724,26 @@ def temp_file(folder: Path, kind: str, suffix: str = "") -> Path:
     """A temporary file in `folder` for an atomic write by this thread:
     `.{kind}-{writer_id}-{pid}-{thread}{suffix}` (kind: upload, latent or manifest)."""
     return folder / f".{kind}-{writer_id()}-{os.getpid()}-{threading.get_ident()}{suffix}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, name: str):
+    """An exclusive lock on `folder/name` held by this process for the block: processes sharing
+    the folder on one host (containers with one volume too) take turns. Where the folder cannot
+    hold the lock file (read-only), the block runs unlocked, and its own write fails anyway."""
+    try:
+        import fcntl
+
+        handle = open(folder / name, "a")  # noqa: SIM115 - closed below, after the unlock
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pid_alive(pid: int) -> bool:
@@ -1101,13 +1122,15 @@ class VoiceCatalog:
         return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
     def mark_uploaded(self, file_name: str, uploaded: bool):
-        """Record that a voices-dir file came from an upload, or forget it (written atomically)."""
-        names = self.uploaded()
-        names = names | {file_name} if uploaded else names - {file_name}
+        """Record that a voices-dir file came from an upload, or forget it (written atomically,
+        one process at a time: read, change and write under a lock shared by all of them)."""
         tmp = temp_file(self.voices_dir, "manifest", ".json")
         try:
-            tmp.write_text(json.dumps(sorted(names)))
-            os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
+            with folder_lock(self.voices_dir, UPLOADS_LOCK):
+                names = self.uploaded()
+                names = names | {file_name} if uploaded else names - {file_name}
+                tmp.write_text(json.dumps(sorted(names)))
+                os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
         except OSError as exc:
             logger.warning("could not record uploaded voices in %s: %s", UPLOADS_MANIFEST, exc)
             tmp.unlink(missing_ok=True)

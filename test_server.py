@@ -2794,6 +2794,26 @@ class TestAttacks:
         assert client.delete("/v1/voices/twin").status_code == 200
         assert not states.cache.path(key).exists()  # the last one takes them along
 
+    def test_processes_sharing_a_voices_folder_lose_no_upload_record(self, voices_dir):
+        """Issue #19: two processes recording uploads at once lost entries of .uploads.json."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        start = context.Barrier(3)
+
+        def record(prefix: str):
+            catalog = srv.VoiceCatalog(["alba"], voices_dir)
+            start.wait()
+            for i in range(40):
+                catalog.mark_uploaded(f"{prefix}{i}.wav", True)
+
+        procs = [context.Process(target=record, args=(p,)) for p in "abc"]
+        [proc.start() for proc in procs]
+        [proc.join(timeout=60) for proc in procs]
+        assert [proc.exitcode for proc in procs] == [0, 0, 0]
+        catalog = srv.VoiceCatalog(["alba"], voices_dir)
+        assert catalog.uploaded() == {f"{p}{i}.wav" for p in "abc" for i in range(40)}
+
     def test_leftovers_of_a_kill_are_removed_at_start(self, stub, voices_dir, tmp_path):
         """Ours whose process died go at once; another container's or host's (its pids are not
         ours to check, issue #19) and safetensors' own temporary files only once they are old."""
