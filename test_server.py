@@ -1056,7 +1056,11 @@ class TestVoiceLibrary:
             "disk": True,
         }
         assert (voices_dir / "Speaker Two.wav").is_file()
-        assert sorted(p.name for p in voices_dir.iterdir()) == [".uploads.json", "Speaker Two.wav"]
+        assert sorted(p.name for p in voices_dir.iterdir()) == [
+            ".uploads.json",
+            ".uploads.lock",
+            "Speaker Two.wav",
+        ]
         encodes = stub.encodes.count("clone")
         assert abs(spoken_freq(client, voice="Speaker Two") - 340) < 5
         assert stub.encodes.count("clone") == encodes  # precomputed at upload
@@ -2859,7 +2863,11 @@ class TestAttacks:
         [t.join() for t in threads]
         assert sorted(results) == [201, 409, 409, 409]
         assert len(set(latents.iterdir()) - before) == 1  # only the winner's latents remain
-        assert sorted(p.name for p in voices_dir.iterdir()) == [".uploads.json", "twin.wav"]
+        assert sorted(p.name for p in voices_dir.iterdir()) == [
+            ".uploads.json",
+            ".uploads.lock",
+            "twin.wav",
+        ]
 
     def test_an_upload_whose_client_hung_up_creates_no_voice(self, stub, voices_dir):
         server = make_server(stub, voices_dir=str(voices_dir))
