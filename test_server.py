@@ -2270,6 +2270,29 @@ class TestEngine:
         with pytest.raises(srv.GenerationFailed, match="stopped"):  # and no one waits from now on
             list(engine.generate("Hello.", self.voice(stub), threading.Event()))
 
+    def test_sentence_splitting_is_linear_and_splits_as_pocket_tts(self, stub, engine):
+        """Issue #19: pocket-tts's decimal check decoded the whole text per boundary (100k
+        characters took 46 s). The windowed check splits every text the same way, in linear
+        time."""
+        import random
+
+        from pocket_tts.models import text_chunking
+
+        tokenizer, rng = stub.tokenizer, random.Random(0)
+        words = ["3.5", "It costs 4. 5 apples.", "Pi is 3.14159.", "Hello.", "world 12.", "7.",
+                 "x.y", "Yes!", "No?", "a 1.2.3 b.", "(1.)", "9 .5"]  # fmt: skip
+        quadratic = text_chunking._is_decimal_period_boundary.__wrapped__
+        for _ in range(200):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+            ours = text_chunking.split_into_best_sentences(tokenizer, text, 50, False, False)
+            text_chunking._is_decimal_period_boundary = quadratic
+            theirs = text_chunking.split_into_best_sentences(tokenizer, text, 50, False, False)
+            srv.linear_sentence_splitting()
+            assert ours == theirs, text
+        t0 = time.monotonic()
+        chunks = engine.split("The value is 3.5 today. " * 4200)  # 100,800 characters
+        assert time.monotonic() - t0 < 10 and len(chunks) > 100
+
     def test_queued_requests_start_in_arrival_order(self, stub):
         """One place: requests that queue behind it are served first come, first served."""
         stub.frame_delay = 0.01
@@ -3982,6 +4005,14 @@ class TestWyoming:
                 sock.recv(1 << 20)
         self.test_describe(port)
 
+    def test_streamed_text_without_sentence_ends_costs_linear_time(self):
+        """Issue #19: 1,000 pieces of 1 KB with no sentence end took 25 s on the event loop."""
+        pending, t0 = "", time.monotonic()
+        for _ in range(2000):
+            finished, pending = srv.split_finished(pending + "word " * 100, len(pending))
+            assert not finished
+        assert time.monotonic() - t0 < 2 and len(pending) == 2000 * 500
+
     def test_zeroconf_announcement(self):
         info = srv.wyoming_service_info(10200, "192.168.1.5", "kitchen")
         assert info.type == "_wyoming._tcp.local." and info.port == 10200
@@ -3996,6 +4027,10 @@ class TestWyoming:
     )  # fmt: skip
     def test_streamed_text_waits_for_a_sentence_end(self, text, finished, rest):
         assert srv.split_finished(text) == (finished, rest)
+        for cut in range(len(text) + 1):  # streamed in two pieces: the same sentences
+            first, pending = srv.split_finished(text[:cut])
+            more, rest_after = srv.split_finished(pending + text[cut:], len(pending))
+            assert ([*first, *more], rest_after) == (finished, rest)
 
 
 # =================================================================================================
