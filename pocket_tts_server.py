@@ -1945,6 +1945,23 @@ class PocketSteps:
         """Memory of one slot: FlowLM and Mimi KV regions for the longest sentence."""
         return (self.flow.nbytes + self.mimi.nbytes) // self.flow.slots
 
+    def check_voice(self, voice_state):
+        """Raise VoiceError unless `voice_state` is a prompt this model continues: a KV cache
+        for every FlowLM layer, of its heads and head size (another model's .safetensors is not).
+        """
+        try:
+            caches, length = voice_prefix(self.model, voice_state)
+            layers = self.model.flow_lm.transformer.layers
+            fits = length > 0 and all(
+                cache.shape == (2, length, layer.self_attn.num_kv_heads,
+                                layer.self_attn.dim_per_head)
+                for layer, cache in zip(layers, caches, strict=True))  # fmt: skip
+        except (KeyError, IndexError, StopIteration, TypeError, AttributeError, ValueError,
+                RuntimeError):  # fmt: skip
+            fits = False
+        if not fits:
+            raise VoiceError("this voice state was made for another model: it does not fit.")
+
     # -- request threads --------------------------------------------------------------------------
 
     def chunks(self, text: str) -> list[Chunk]:
@@ -2654,8 +2671,12 @@ class Engine:
     # -- voices -----------------------------------------------------------------------------------
 
     def voice_state(self, source: VoiceSource):
-        """The conditioned model state of a voice (`VoiceStates.get`)."""
-        return self.states.get(source)
+        """The conditioned model state of a voice (`VoiceStates.get`), checked against the model:
+        one that does not fit is the request's VoiceError, never a failure inside the batch."""
+        state = self.states.get(source)
+        if self.steps is not None:
+            self.steps.check_voice(state)
+        return state
 
     def warm_up(self, voice_state):
         """Generate at start-up (torch's first run on new threads is slow). Batched, that is the

@@ -289,6 +289,10 @@ class StubSteps:
             audio.append((0.5 * np.sin(2 * np.pi * pitch * t)).astype(np.float32))
         return np.stack(audio[:-1] if deliver else audio)
 
+    def check_voice(self, voice_state):
+        if "stub" not in voice_state:
+            raise srv.VoiceError("this voice state was made for another model: it does not fit.")
+
     def prepare(self, slots: int):
         pass
 
@@ -3630,6 +3634,30 @@ class TestBatching:
         for i in (0, 2, 3):
             want = TestRealModel.library_seconds(real.model, texts[i])
             assert abs(outcomes[i].size / SR - want) < 1e-3
+
+    def test_a_voice_state_for_another_model_is_a_400(self, real, voices, tmp_path):
+        """Issue #19: a .safetensors voice of another shape (in the voices folder) is refused when
+        it is loaded, with a clear error on the request's `voice`."""
+        from pocket_tts.models.model_state import export_model_state
+
+        bad = copy.deepcopy(voices[0])
+        for module in bad.values():
+            if "cache" in module:
+                module["cache"] = module["cache"][..., : module["cache"].shape[-1] // 2].clone()
+        path = tmp_path / "other.safetensors"
+        export_model_state(bad, path)
+        with pytest.raises(srv.VoiceError, match="another model"):
+            real.server.engine.voice_state(srv.VoiceSource("file", str(path), "other"))
+        folder = real.server.voices.voices_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / "other.safetensors")
+        try:
+            r = post_json(real.url, {"input": "Hi.", "voice": "other", "response_format": "wav"})
+        finally:
+            (folder / "other.safetensors").unlink()
+        assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
+        assert "another model" in r.json()["error"]["message"]
+        assert post_json(real.url, {"input": "Hi.", "response_format": "wav"}).status_code == 200
 
     def test_a_failed_graph_replay_fails_its_batch_then_steps_run_eager(self, real, voices,
                                                                         monkeypatch):  # fmt: skip
