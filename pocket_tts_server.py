@@ -3934,6 +3934,10 @@ class WyomingSession:
     # -- streamed text ----------------------------------------------------------------------------
 
     async def start_stream(self, voice):
+        if self.streaming:  # a new start abandons the stream before it (its task ends here)
+            self.streaming["task"].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.streaming["task"]
         sentences: asyncio.Queue = asyncio.Queue()
         voice = self.voice_name(voice)
         self.streaming = {"voice": voice, "text": "", "chars": 0, "sentences": sentences}
@@ -4148,11 +4152,42 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
     return SpeechServer(settings, engine, voices)
 
 
+class LogFlood(logging.Filter):
+    """At most `burst` records of one message per `seconds` (a client that provokes the same
+    warning 100,000 times must not fill the disk); the next one let through says how many of its
+    kind were left out."""
+
+    def __init__(self, burst: int = 20, seconds: float = 60.0):
+        super().__init__()
+        self.burst, self.seconds = burst, seconds
+        self.seen: dict[tuple, list] = {}  # (logger, message) -> [window start, count, left out]
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = (record.name, str(record.msg)), time.monotonic()
+        with self.lock:
+            if len(self.seen) > 10_000:  # messages are templates: a few hundred kinds at most
+                self.seen.clear()
+            window = self.seen.setdefault(key, [now, 0, 0])
+            if now - window[0] > self.seconds:
+                if window[2]:
+                    record.msg = f"{record.msg} [{window[2]} more like it were left out]"
+                window[:] = [now, 0, 0]
+            window[1] += 1
+            if window[1] > self.burst:
+                window[2] += 1
+                return False
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    flood = LogFlood()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(flood)
     try:
         server = build_server(settings)
     except (ModelLoadError, VoiceError) as exc:

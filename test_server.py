@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import gc
 import io
 import json
 import logging
@@ -3995,6 +3996,31 @@ class TestWyoming:
             assert event.type == "error" and event.data["code"] == "busy" and closed
         time.sleep(0.2)
         self.test_describe(port)  # a place again
+
+    def test_restarting_a_stream_leaves_no_task_behind(self, real, port, caplog):
+        """Issue #19: 100k `synthesize-start` on one connection wrote ~97k "Task was destroyed
+        but it is pending!" lines: each start left the stream before it running."""
+        lines = [{"type": "synthesize-start"}] * 2000 + [{"type": "describe"}]
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        with caplog.at_level(logging.ERROR):
+            events = asyncio.run(self.raw_events(port, data, "info"))
+            gc.collect()
+        assert events[-1].type == "info" and "Task was destroyed" not in caplog.text
+
+    def test_a_log_flood_is_cut_to_a_burst_with_a_count(self):
+        flood, kept = srv.LogFlood(burst=5, seconds=0.2), []
+
+        def emit(i):
+            record = logging.LogRecord("x", logging.WARNING, __file__, 1, "same %s", (i,), None)
+            if flood.filter(record):
+                kept.append(record.getMessage())
+
+        for i in range(1000):
+            emit(i)
+        assert kept == [f"same {i}" for i in range(5)]
+        time.sleep(0.25)
+        emit(1000)
+        assert kept[-1] == "same 1000 [995 more like it were left out]"
 
     def test_a_port_that_cannot_be_bound_fails_at_once(self, real):
         with socket.socket() as held:
