@@ -1216,6 +1216,21 @@ def model_fingerprint(model, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
+class Busy(Exception):
+    """No place for this request: the queue is full (429) or the wait timed out (503)."""
+
+    def __init__(self, status: int, message: str, retry_after: int):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+class ClientGone(Exception):
+    """The client hung up while its request waited or was being served."""
+
+
+ENCODING_QUEUE = 8  # voice encodings that may wait for the one running; more are told to retry
+
+
 class VoiceStates:
     """Voice states (the model conditioned on a voice prompt), by voice: encoded once per distinct
     recording, ever (memory LRU, then the disk cache keyed by the recording's SHA-256).
@@ -1230,7 +1245,8 @@ class VoiceStates:
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.max_reference_seconds = max_reference_seconds
         self.remote = RemoteVoices()
-        self._encoding = threading.Lock()
+        self._encoding = threading.Lock()  # one encoding at a time: it takes the cores it finds
+        self._waiting = threading.BoundedSemaphore(ENCODING_QUEUE)  # it and those queued
         self._hashes: OrderedDict[tuple, str] = OrderedDict()  # (path, mtime, size) -> sha256
 
     def get(self, source: VoiceSource):
@@ -1239,7 +1255,7 @@ class VoiceStates:
             key = f"builtin-{source.ref}"
             state = self.cache.get(key)
             if state is None:
-                with self._encoding:
+                with self._encoder():
                     state = self.model.get_state_for_audio_prompt(source.ref)
                 self.cache.put(key, state, persist=False)  # pocket-tts caches its own download
             return state
@@ -1304,8 +1320,20 @@ class VoiceStates:
         if data is None:
             data = Path(source.ref).read_bytes()
         audio = decode_reference(data, self.sample_rate, self.max_reference_seconds)
-        with self._encoding:  # on the request's thread: the batch keeps stepping meanwhile
+        with self._encoder():  # on the request's thread: the batch keeps stepping meanwhile
             return self.model.get_state_for_audio_prompt(torch.from_numpy(audio)[None, :])
+
+    @contextlib.contextmanager
+    def _encoder(self):
+        """The encoder, in turn: at most ENCODING_QUEUE requests encode or wait (each holds a
+        server thread); the rest are Busy at once, so uploads never starve /health."""
+        if not self._waiting.acquire(blocking=False):
+            raise Busy(429, "Too many voices are being encoded at once. Retry later.", 2)
+        try:
+            with self._encoding:
+                yield
+        finally:
+            self._waiting.release()
 
 
 # =================================================================================================
@@ -2165,18 +2193,6 @@ class Capacity:
         while value < self.max_batch and self.fits(value + 1, spare):
             value += 1
         self.value = value
-
-
-class Busy(Exception):
-    """No place for this request: the queue is full (429) or the wait timed out (503)."""
-
-    def __init__(self, status: int, message: str, retry_after: int):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
-
-
-class ClientGone(Exception):
-    """The client hung up while its request waited or was being served."""
 
 
 @dataclass(eq=False)
@@ -3990,6 +4006,8 @@ class WyomingSession:
             state = await loop.run_in_executor(None, load) if speaks else None
         except ApiError as exc:
             return await self.error(exc.message, exc.code)
+        except Busy as exc:
+            return await self.error(str(exc), "busy")
         try:
             release = await loop.run_in_executor(None, server.engine.acquire, self.gone)
         except (Busy, ClientGone) as exc:

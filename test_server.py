@@ -164,6 +164,7 @@ class StubModel:
         self.generated: list[str] = []  # every text chunk generated
         self.stopped: list[bool] = []  # whether each generation ended by the stop event
         self.frame_delay = 0.0
+        self.encode_delay = 0.0  # seconds each cloning takes
         self.fail_after_frames: int | None = None
 
     def to(self, device):
@@ -182,6 +183,7 @@ class StubModel:
             self.encodes.append(source)
             return self.state(self.BUILTINS[source])
         self.encodes.append("clone")
+        time.sleep(self.encode_delay)
         return self.state(round(dominant_freq(source.numpy().reshape(-1), SR)))
 
     @staticmethod
@@ -2297,6 +2299,37 @@ class TestEngine:
         t0 = time.monotonic()
         chunks = engine.split("The value is 3.5 today. " * 4200)  # 100,800 characters
         assert time.monotonic() - t0 < 10 and len(chunks) > 100
+
+    def test_a_burst_of_uploads_never_starves_health(self, stub, voices_dir):
+        """Issue #19: 45 concurrent uploads held every server thread while they waited to be
+        encoded (one at a time), and /health waited 11.6 s. Encodings beyond the queue are 429s
+        with Retry-After at once."""
+        stub.encode_delay = 0.2
+        server = make_server(stub, voices_dir=str(voices_dir), max_batch=4, max_queue=4)
+        threads = server.settings.max_batch + server.settings.max_queue + 8  # as production
+        live = LiveServer(server.app, threads=threads)
+        statuses, health = [], []
+
+        def send(i):
+            files = {"file": ("v.wav", wav_bytes(200 + 7 * i))}
+            r = requests.post(f"{live.url}/v1/voices", data={"name": f"v{i}"}, files=files)
+            statuses.append((r.status_code, r.headers.get("Retry-After")))
+
+        try:
+            uploads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
+            [t.start() for t in uploads]
+            time.sleep(0.3)
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert requests.get(f"{live.url}/health", timeout=10).status_code == 200
+                health.append(time.monotonic() - t0)
+            [t.join(timeout=60) for t in uploads]
+        finally:
+            live.close()
+        assert max(health) < 1.0, health
+        assert {code for code, _ in statuses} == {201, 429}
+        assert all(after and int(after) >= 1 for code, after in statuses if code == 429)
+        assert sum(code == 201 for code, _ in statuses) >= srv.ENCODING_QUEUE
 
     def test_queued_requests_start_in_arrival_order(self, stub):
         """One place: requests that queue behind it are served first come, first served."""
