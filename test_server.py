@@ -3181,6 +3181,56 @@ class TestRealModel:
         assert done.returncode == 2 and "Wyoming port" in done.stderr
         assert not port_open(port)
 
+    def test_kill_9_during_uploads_and_streams_leaves_nothing_half_done(self, real, tmp_path,
+                                                                          tokenizer_path):  # fmt: skip
+        """Issue #19: kill -9 while uploads are written and encoded, cache entries written and a
+        stream plays; after a restart there is no temporary file, and every voice is complete
+        (it speaks) or absent."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = random_weight_config(tmp_path, tokenizer_path)
+        voices, cache = tmp_path / "voices", tmp_path / "cache"
+        command = [sys.executable, str(HERE / "pocket_tts_server.py"), "--model_path", str(config),
+                   "--port", str(port), "--default_voice", str(real.server.voices.default.ref),
+                   "--cache_dir", str(cache), "--voices_dir", str(voices)]  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        def start():
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert wait_for(lambda: proc.poll() is not None or port_open(port), timeout=60)
+            assert proc.poll() is None
+            return proc
+
+        def send(i):
+            with contextlib.suppress(requests.RequestException):
+                files = {"file": ("v.wav", wav_bytes(180 + 10 * i, seconds=20.0))}
+                requests.post(f"{url}/v1/voices", data={"name": f"v{i}"}, files=files, timeout=30)
+
+        proc = start()
+        try:
+            stream = raw_request(url, {"input": " ".join(CORPUS * 3), "stream": True})
+            uploads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+            [t.start() for t in uploads]
+            time.sleep(1.0)  # uploads are being written, decoded, encoded and cached
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            [t.join(timeout=30) for t in uploads]
+            stream.close()
+            proc = start()
+            temporary = [p.name for folder in (voices, cache) for p in folder.rglob(".*")
+                         if p.name not in (".uploads.json", ".uploads.lock")]  # fmt: skip
+            assert temporary == []
+            listed = {v["id"] for v in requests.get(f"{url}/v1/voices").json()["data"]}
+            for i in range(6):
+                if f"v{i}" in listed:  # complete: it speaks
+                    r = post_json(url, {"input": "Hi.", "voice": f"v{i}", "response_format": "wav"})
+                    assert r.status_code == 200 and duration(r.content) > 0.1
+            for latent in cache.rglob("*.safetensors"):
+                _import_model_state(latent, torch.device("cpu"))  # every entry loads whole
+        finally:
+            proc.kill()
+
     @pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
     def test_openai_sdk(self, real, speed):
         import openai
