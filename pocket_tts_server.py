@@ -4222,7 +4222,7 @@ def main(argv: list[str] | None = None) -> int:
             server.engine.close()
             return 2
     logger.info(
-        "serving %s on http://%s:%d/ (device %s, streaming by default: %s)",
+        "serving %s on http://%s:%s/ (device %s, streaming by default: %s)",
         settings.model_path,
         settings.host,
         http.effective_port,
