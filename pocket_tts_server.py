@@ -2017,7 +2017,7 @@ class PocketSteps:
 
     def place(self, slot: int, prefix: Prefix, frames: int):
         """A prefilled row into `slot` (slots below it are in use), growing the arrays to fit."""
-        self._make_room(slot + 1, prefix.length + frames + 2, frames + 2)
+        self._make_room(slot + 1, prefix.length + frames + 2, frames + 2, used=slot)
         self.flow.put(slot, prefix.caches, prefix.length)
         self.mimi.starts[slot] = 0
         for name, module in self.mimi_state.items():
@@ -2075,7 +2075,7 @@ class PocketSteps:
     def prepare(self, slots: int):
         """Before calibration: on a GPU, arrays for `slots` rows and their CUDA graphs."""
         if self.device.type == "cuda":
-            self._make_room(slots, self.flow.length, row_capacity(self.model)[1])
+            self._make_room(slots, self.flow.length, row_capacity(self.model)[1], used=0)
             self.make_graphs()
 
     def idle(self):
@@ -2109,14 +2109,14 @@ class PocketSteps:
         state = init_states(self.model.mimi, batch_size=slots, sequence_length=1)
         return {name: module for name, module in state.items() if "cache" not in module}
 
-    def _make_room(self, slots: int, length: int, frames: int):
-        """Grow the slot arrays (doubling) and the regions' length to fit."""
+    def _make_room(self, slots: int, length: int, frames: int, used: int):
+        """Grow the slot arrays (doubling) and the regions' length to fit, keeping the state of
+        the `used` rows in slots 0..used-1."""
         mimi_length, capacity = mimi_positions(self.model, frames), self.flow.slots
         if slots <= capacity and length <= self.flow.length and mimi_length <= self.mimi.length:
             return
         if slots > capacity:
             capacity = max(slots, 2 * capacity)
-        used = slots - 1
         if self.graphs is not None:  # they read the old arrays; eager steps until made again
             self.graphs, self.regraph = None, True
         self.flow = self.flow.grown(capacity, max(length, self.flow.length), used)
