@@ -2223,6 +2223,32 @@ class TestEngine:
             stub.expected_frames("Hello world.") * 0.08
         )
 
+    def test_health_stays_fast_through_a_fault(self, stub):
+        """Issue #19: while a fault fails the batch of three streams, /health answers in under
+        100 ms (the median of five), and the next request is a 200 with its full length."""
+        stub.frame_delay = 0.01
+        server = make_server(stub, max_batch=4)
+        live = LiveServer(server.app, threads=8)
+        try:
+            socks = [raw_request(live.url, {"input": LONG_TEXT[:200], "response_format": "pcm",
+                                            "stream": True}) for _ in range(3)]  # fmt: skip
+            assert wait_for(lambda: len(server.engine.scheduler.rows) == 3, timeout=10)
+            server.engine.steps.fault = "step"
+            timings = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert requests.get(f"{live.url}/health", timeout=5).status_code == 200
+                timings.append(time.monotonic() - t0)
+            assert sorted(timings)[2] < 0.1, timings
+            assert wait_for(lambda: server.engine.active == 0, timeout=5)
+            r = post_json(live.url, {"input": "Hello world.", "response_format": "pcm"})
+            assert r.status_code == 200
+            assert len(r.content) / 2 == stub.expected_frames("Hello world.") * 1920
+            [sock.close() for sock in socks]
+        finally:
+            live.close()
+            server.engine.close()
+
     def test_a_row_that_cannot_join_fails_alone(self, stub, engine):
         """A failure placing a prefilled row (its slot) fails that row; the batch goes on."""
         stub.frame_delay = 0.01
