@@ -4131,6 +4131,34 @@ class TestWyoming:
         emit(1000)
         assert kept[-1] == "same 1000 [995 more like it were left out]"
 
+    def test_a_failed_synthesis_leaves_the_connection_usable(self, real, port, monkeypatch):
+        """Issue #19: a failure while speaking set the session's stop flag for good, so the next
+        `synthesize` on that connection got audio-start, audio-stop and no audio."""
+        from wyoming.tts import Synthesize
+
+        steps, calls = real.server.engine.steps, []
+        original = steps.step
+
+        def fail_once(*args):
+            if not calls:
+                calls.append(1)
+                raise RuntimeError("injected step failure")
+            return original(*args)
+
+        monkeypatch.setattr(steps, "step", fail_once)
+
+        async def run():
+            async with Wyoming(port) as w:
+                await w.send(Synthesize(text="Hello world."))
+                failed = await w.audio()
+                await w.send(Synthesize(text="Hello world."))
+                return failed, await w.audio()
+
+        failed, spoken = asyncio.run(run())
+        assert failed[-1][0] == "error" and failed[-1][2]["code"] == "synthesis_failed"
+        assert spoken[-1][0] == "audio-stop"
+        assert pcm_seconds(spoken) == pytest.approx(self.http_pcm_seconds(real, "Hello world."))
+
     def test_a_port_that_cannot_be_bound_fails_at_once(self, real):
         with socket.socket() as held:
             held.bind(("127.0.0.1", 0))
