@@ -4082,6 +4082,7 @@ def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = F
     tcp = AsyncTcpServer(host, port)
 
     sessions: set[WyomingSession] = set()
+    raise_open_files_limit(2 * server.settings.max_connections + 64)  # HTTP's and Wyoming's
 
     def handler(reader, writer):
         return WyomingSession(server, reader, writer, sessions).handler
