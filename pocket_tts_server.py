@@ -709,6 +709,7 @@ LEFTOVER_SECONDS = 3600.0
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
 
 
+@functools.cache
 def writer_id() -> str:
     """This host and PID namespace, in 8 hex digits: pids are only comparable within one."""
     with contextlib.suppress(OSError):
