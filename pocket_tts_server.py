@@ -2319,10 +2319,10 @@ class BatchScheduler:
     batch that was in it, and the next sentence starts afresh.
     """
 
-    def __init__(self, steps, capacity: Capacity, max_batch: int, admitted=lambda: 0):
+    def __init__(self, steps, capacity: Capacity, admitted=lambda: 0):
         import torch
 
-        self.steps, self.capacity, self.max_batch = steps, capacity, max_batch
+        self.steps, self.capacity = steps, capacity
         self.admitted = admitted  # how many requests hold a place (they may submit soon)
         self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
         self.rows: list[Sentence] = []
@@ -2382,7 +2382,7 @@ class BatchScheduler:
         slot arrays are first made as large as max_batch and the steps captured as CUDA graphs,
         so that calibration measures what will run.
         """
-        self.call(functools.partial(self.steps.prepare, self.max_batch))
+        self.call(functools.partial(self.steps.prepare, self.capacity.max_batch))
         table, size = {}, 1
         while True:
             for _ in range(2):  # the first run grows the slot arrays: keep the second's
@@ -2399,9 +2399,9 @@ class BatchScheduler:
             if full:  # the median: one slow tick (a busy machine) must not decide for good
                 table[size] = full[len(full) // 2]
             self.capacity.calibrate(table)
-            if size >= self.max_batch or not self.capacity.fits(size):
+            if size >= self.capacity.max_batch or not self.capacity.fits(size):
                 return
-            size = min(2 * size, self.max_batch)
+            size = min(2 * size, self.capacity.max_batch)
 
     def stats(self) -> dict[str, Any]:
         """Batch size, step time and real-time headroom, for /health."""
@@ -2625,10 +2625,9 @@ class Engine:
 
     A request takes a place (`acquire`) and its voice's state (`voice_state`); then `speak`
     yields float32 mono numpy chunks at `sample_rate` as the model produces them, stopping early
-    once `stop` is set. With batched
-    steps (`PocketSteps`) every sentence is a row of the BatchScheduler, which alone touches
-    the model's state; a pocket-tts whose internals changed runs its own generate_audio_stream
-    per request instead.
+    once `stop` is set. With batched steps (`PocketSteps`) every sentence is a row of the
+    BatchScheduler, which alone touches the model's state; a pocket-tts whose internals changed
+    runs its own generate_audio_stream per request instead.
     """
 
     def __init__(
@@ -2649,20 +2648,22 @@ class Engine:
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
         self.states = VoiceStates(model, cache or LatentCache(None), max_reference_seconds)
-        self.max_batch = max_batch
         self.capacity = Capacity(1.0 / self.frame_rate, realtime_margin, max_batch)
         self.admission = Admission(self.capacity, max_queue, queue_timeout)
         self.steps = steps
         self.scheduler = None
         if steps is not None:
-            self.scheduler = BatchScheduler(steps, self.capacity, max_batch,
-                                            lambda: self.admission.active)  # fmt: skip
+            self.scheduler = BatchScheduler(steps, self.capacity, lambda: self.admission.active)
 
     # -- places -----------------------------------------------------------------------------------
 
     def acquire(self, cancelled=None):
         """Wait in the FIFO queue for a place; return the (idempotent) release function."""
         return self.admission.acquire(cancelled)
+
+    @property
+    def max_batch(self) -> int:
+        return self.capacity.max_batch
 
     @property
     def active(self) -> int:
@@ -4304,13 +4305,17 @@ def raise_open_files_limit(wanted: int):
 
 def stop_serving(http):
     """Make `http.run()` return: every socket closed from the loop's own thread (waitress has no
-    public stop; closing them under its select() from another thread is a race)."""
+    public stop; closing them under its select() from another thread is a race: EBADF there).
+
+    pull_trigger queues the thunk, then writes to the trigger's pipe: a loop that another thread
+    woke (a worker flushing its last bytes) can run the thunk, closing that pipe, before the
+    write, which then fails with EBADF although all is closed."""
 
     def close_all():
         for dispatcher in list(http._map.values()):
             dispatcher.close()
 
-    with contextlib.suppress(OSError):  # the loop may run the thunk before the trigger's write
+    with contextlib.suppress(OSError):
         http.trigger.pull_trigger(close_all)
 
 

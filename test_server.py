@@ -381,19 +381,8 @@ class LiveServer:
         self.thread.start()
 
     def close(self):
-        """Close every socket from the loop's own thread (closing them under its select() is a
-        race: EBADF there), after which the loop has nothing left and returns.
-
-        pull_trigger queues the thunk, then writes to the trigger's pipe: a loop that another
-        thread woke (a worker flushing its last bytes) can run the thunk, closing that pipe,
-        before the write, which then fails with EBADF although all is closed."""
-
-        def close_all():
-            for dispatcher in list(self.server._map.values()):
-                dispatcher.close()
-
-        with contextlib.suppress(OSError):
-            self.server.trigger.pull_trigger(close_all)
+        """Stop the loop as SIGTERM does (`srv.stop_serving`), then wait for it to return."""
+        srv.stop_serving(self.server)
         self.thread.join(timeout=10)
         assert not self.thread.is_alive() and not self.server._map
 
