@@ -56,11 +56,13 @@ import re
 import secrets
 import signal
 import socket
+import statistics
 import sys
 import threading
 import time
 import unicodedata
 import uuid
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -100,7 +102,8 @@ class Settings:
     cache_dir: str | None = None
     allow_remote_voices: bool = False
     device: str = "auto"
-    quantize: bool = False
+    precision: str = "auto"
+    quantize: bool = False  # alias of --precision int8
     api_key: str | None = None
     api_key_file: str | None = None
     cors_origins: str | None = None
@@ -137,7 +140,10 @@ FLAG_HELP = {
     "cache_dir": "where voice latents persist (default: <user cache dir>/pocket-tts-server)",
     "allow_remote_voices": "allow http(s):// URLs as voices (downloaded by the server)",
     "device": "torch device: auto picks CUDA when available",
-    "quantize": "apply pocket-tts dynamic int8 quantization (faster on CPU)",
+    "precision": "weights of the batched steps' matrix products: int8 (a quarter of float32's "
+    "bytes; FlowLM's attention and feed-forward, as pocket-tts's --quantize), float32, or auto: on "
+    "a CPU, int8 at each batch size where start-up measures it faster; float32 on a GPU",
+    "quantize": "same as --precision int8",
     "api_key": "require `Authorization: Bearer <key>` for synthesis and writes (health, the page "
     "and the model and voice listings stay open)",
     "api_key_file": "read the API key from this file (keeps it out of `ps`; so does "
@@ -169,6 +175,7 @@ FLAG_HELP = {
 }
 FLAG_CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "float32", "int8"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 
@@ -222,6 +229,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     if settings.max_batch < 0 or settings.realtime_margin < 0:
         parser.error("--max_batch and --realtime_margin cannot be negative")
     settings.max_batch = settings.max_batch or settings.workers
+    if settings.quantize:
+        settings.precision = "int8"
     if settings.api_key_file:
         try:
             settings.api_key = Path(settings.api_key_file).read_text(encoding="utf-8").strip()
@@ -281,8 +290,11 @@ def load_model(settings: Settings):
 
     source = model_source(settings.model_path)
     device = pick_device(settings.device)
+    if settings.precision == "int8" and device != "cpu":
+        raise ModelLoadError(f"--precision int8 runs on CPUs only (--device {device} was chosen); "
+                             "use --precision auto or float32 on a GPU.")  # fmt: skip
     try:
-        model = TTSModel.load_model(**source, quantize=settings.quantize)
+        model = TTSModel.load_model(**source)  # int8 copies are made by the batched steps
     except Exception as exc:  # hub, network, config and weight errors all end up here
         raise ModelLoadError(
             f"Could not load the pocket-tts model {settings.model_path!r} ({source}): "
@@ -1523,7 +1535,7 @@ def attend(attn, x, keys, values, starts, span: int, linear):
 
     x: [B, T, E]; keys/values: [B, L, H_kv, D], one region per stream; starts: [B] long, the
     position of x[:, 0] in each stream; span: the region positions to read (known on the host: no
-    device sync per layer); linear: how to apply a Linear (see `packed_linear`). Writes this
+    device sync per layer); linear: how to apply a Linear (see `Linears`). Writes this
     step's keys and values into the regions.
 
     A region is a ring: position p is kept at index p % L. One as long as its stream never
@@ -1580,45 +1592,6 @@ def run_layers(transformer, x, regions, starts, linear, span: int | None = None)
         update = linear(layer.linear2, hidden)
         x = x.to(update) + layer.layer_scale_2(update)
     return x
-
-
-def pack_linears(layers) -> dict:
-    """oneDNN-packed copies of the float32 CPU Linear weights in `layers`: {Linear: weight}.
-
-    MKL's float32 GEMM is slow for the 2-16 rows of a batched step on some CPUs (on this AMD
-    EPYC, 4 rows cost 2.7x one row); oneDNN's packed GEMM costs 1.7x. Empty where the private
-    op is missing or disagrees with F.linear: then every Linear runs as usual.
-    """
-    import torch
-
-    linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    packed = {}
-    try:
-        for module in linears:
-            weight = module.weight
-            if weight.device.type != "cpu" or weight.dtype != torch.float32:
-                return {}
-            packed[module] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
-        probe = torch.randn(3, 1, linears[0].in_features)
-        if not torch.allclose(packed_linear(packed)(linears[0], probe), linears[0](probe),
-                              rtol=1e-4, atol=1e-5):  # fmt: skip
-            return {}
-    except (AttributeError, RuntimeError, IndexError):
-        return {}
-    return packed
-
-
-def packed_linear(packed: dict):
-    """Apply a Linear: through its packed weight for 2 rows or more, as usual otherwise."""
-    import torch
-
-    def linear(module, x):
-        weight = packed.get(module)
-        if weight is None or x.numel() < 2 * module.in_features:  # one row: MKL's GEMV is best
-            return module(x)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
-
-    return linear
 
 
 def flow_step(model, latents, regions, starts, noise, linear, span: int | None = None):
@@ -1779,6 +1752,175 @@ def estimate_step(measured: dict[int, float], streams: int) -> float | None:
     else:  # one size measured: a guess
         per_stream = MARGINAL_STREAM_COST * t0 / n0
     return t0 + per_stream * max(0, streams - n0)
+
+
+# -- precision: the kernels that apply each Linear -----------------------------------------------
+# A batched step is mostly matrix products of a few rows (one per stream) by large weights; on a
+# CPU their cost is reading the weights, and int8 weights are a quarter of float32's. FlowLM's 24
+# Linears of the 100M model, one thread, per step (2-vCPU AMD EPYC Zen 4, torch 2.13):
+#   rows                       1      2      4      8     16
+#   float32, MKL            23.2   42.5   38.1   50.0   58.8 ms
+#   float32, oneDNN-packed  21.0   27.2   17.7   25.0   30.0
+#   int8, fbgemm (dynamic)   3.9    3.6    3.6    4.9    8.6   (x86 engine 4.3-9.4, oneDNN 6.6-10.6)
+#   int8, torchao 0.18       (the library's whole stream: 1.03x float32, against torch.ao's 1.66x)
+# Start-up measures float32 against int8 on the machine at hand and runs, at each batch size, the
+# faster. Only the Linears pocket-tts's own --quantize converts are int8 (FlowLM's attention and
+# feed-forward): upstream measured their word error rate and listened to them. The flow head,
+# Mimi and voice encoding stay float32.
+
+KERNEL_ROWS = (1, 2, 4, 8, 16, 64)  # batch sizes compared at start-up (64: a prefill's rows)
+# int8 runs where it measured at least this much faster: where the two are even (the 2M model's
+# small products: 0.4-1.3x), float32's exact results win.
+INT8_GAIN = 1.1
+PRECISIONS = ("auto", "float32", "int8")
+
+
+@dataclass
+class Precision:
+    """What applies the Linears of the batched steps, and why: for the start-up log and /health."""
+
+    name: str  # "float32", "int8", or "int8+float32" (each at the batch sizes it measured faster)
+    reason: str
+    int8_rows: tuple[int, ...] = ()  # the KERNEL_ROWS that run int8
+
+
+class Linears:
+    """Applies a Linear with the kernel chosen for its input's rows: `linears(module, x)`.
+
+    int8 (`int8_linears`) where the batch size measured faster (the nearest of KERNEL_ROWS at or
+    below the rows); float32 otherwise: oneDNN-packed weights (`pack_linears`) for 2 rows or more,
+    the module itself (MKL's GEMV, the fastest there) for one.
+    """
+
+    def __init__(self, packed: dict, int8: dict, int8_rows=()):
+        self.packed, self.int8, self.int8_rows = packed, int8, frozenset(int8_rows)
+
+    def __call__(self, module, x):
+        import torch
+
+        rows = x.numel() // x.shape[-1]
+        quantized = self.int8.get(module)
+        if quantized is not None and self.runs_int8(rows):
+            return quantized(x)
+        weight = self.packed.get(module)
+        if weight is None or rows < 2:
+            return module(x)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
+
+    def runs_int8(self, rows: int) -> bool:
+        return max([r for r in KERNEL_ROWS if r <= rows] or [1]) in self.int8_rows
+
+
+def pack_linears(layers) -> dict:
+    """oneDNN-packed copies of the float32 CPU Linear weights in `layers`: {Linear: weight}.
+
+    MKL's float32 GEMM is slow for the 2-16 rows of a batched step on some CPUs (on this AMD
+    EPYC, 4 rows cost 2.7x one row); oneDNN's packed GEMM costs 1.7x. Empty where the private
+    op is missing or disagrees with F.linear: then every Linear runs as usual.
+    """
+    import torch
+
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    packed = {}
+    try:
+        for module in linears:
+            weight = module.weight
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                return {}
+            packed[module] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
+        probe = torch.randn(3, 1, linears[0].in_features)
+        if not torch.allclose(Linears(packed, {})(linears[0], probe), linears[0](probe),
+                              rtol=1e-4, atol=1e-5):  # fmt: skip
+            return {}
+    except (AttributeError, RuntimeError, IndexError):
+        return {}
+    return packed
+
+
+def int8_linears(layers) -> dict:
+    """Int8 copies of the Linears pocket-tts's --quantize converts (each layer's attention
+    projections and feed-forward): {Linear: torch.ao dynamic int8 Linear}; empty where this torch
+    has no int8 CPU kernels.
+
+    Weights are quantized once, here, per output channel (pocket-tts: per tensor; per channel is
+    as fast and closer); activations per call, by the kernel. The float32 modules stay untouched.
+    torch 2.13 warns that its quantized tensors will go: a torch without them runs float32.
+    """
+    import torch
+
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+        engines = torch.backends.quantized.supported_engines
+        # fbgemm: x86 (measured fastest above); qnnpack: ARM
+        torch.backends.quantized.engine = next(e for e in ("fbgemm", "qnnpack") if e in engines)
+        copies = {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            for layer in layers:
+                for module in (layer.self_attn.in_proj, layer.self_attn.out_proj, layer.linear1,
+                               layer.linear2):  # fmt: skip
+                    weight = module.weight.detach().float().cpu()
+                    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+                    zeros = torch.zeros(weight.shape[0], dtype=torch.long)
+                    quantized = torch.quantize_per_channel(weight, scales, zeros, 0, torch.qint8)
+                    copy = Int8Linear(module.in_features, module.out_features,
+                                      bias_=module.bias is not None, dtype=torch.qint8)  # fmt: skip
+                    copy.set_weight_bias(quantized, module.bias)
+                    copies[module] = copy
+    except (ImportError, AttributeError, RuntimeError, StopIteration):
+        return {}
+    return copies
+
+
+def linears_seconds(linears: Linears, modules: list, rows: int) -> float:
+    """Median seconds `linears` takes to apply every module once to `rows` rows: over 3 runs, or
+    as many as fit in 50 ms (a small model's products take microseconds: 3 would be noise)."""
+    import torch
+
+    inputs = {m.in_features: torch.randn(rows, 1, m.in_features) for m in modules}
+    times: list[float] = []
+    with torch.no_grad():
+        while len(times) < 4 or (sum(times[1:]) < 0.05 and len(times) < 200):
+            started = time.perf_counter()
+            for module in modules:
+                linears(module, inputs[module.in_features])
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])  # the first run warms the kernels up
+
+
+def choose_linears(model, requested: str) -> tuple[Linears, Precision]:
+    """The kernels of the batched steps at --precision `requested`, and why.
+
+    auto: on a CPU, int8 at each batch size of KERNEL_ROWS where it measures faster than float32
+    (memory holds only the kernels chosen); on a GPU float32 (torch.ao's int8 runs on CPUs only).
+    """
+    flow_layers = model.flow_lm.transformer.layers
+    mimi_packed = pack_linears(model.mimi.decoder_transformer.transformer.layers)
+    device = next(model.flow_lm.parameters()).device
+    int8 = int8_linears(flow_layers) if requested != "float32" and device.type == "cpu" else {}
+    if not int8:
+        reason = ("asked for (--precision float32)" if requested == "float32" else
+                  f"int8 kernels run on CPUs only, and this model runs on {device}"
+                  if device.type != "cpu" else "this torch has no int8 CPU kernels")  # fmt: skip
+        float32 = Linears({**pack_linears(flow_layers), **mimi_packed}, {})
+        return float32, Precision("float32", reason)
+    if requested == "int8":
+        return (Linears(mimi_packed, int8, KERNEL_ROWS),
+                Precision("int8", "asked for (--precision int8)", KERNEL_ROWS))  # fmt: skip
+    flow_packed = pack_linears(flow_layers)
+    float32, quantized = Linears({**flow_packed, **mimi_packed}, {}), Linears({}, int8, KERNEL_ROWS)
+    speedups = {rows: linears_seconds(float32, list(int8), rows)
+                / linears_seconds(quantized, list(int8), rows) for rows in KERNEL_ROWS}  # fmt: skip
+    int8_rows = tuple(rows for rows, speedup in speedups.items() if speedup >= INT8_GAIN)
+    measured = ", ".join(f"{rows} rows {speedup:.1f}x" for rows, speedup in speedups.items())
+    reason = f"auto: int8 against float32, measured at start-up ({measured})"
+    if len(int8_rows) == len(KERNEL_ROWS):  # the packed float32 copies are not kept
+        return Linears(mimi_packed, int8, int8_rows), Precision("int8", reason, int8_rows)
+    if not int8_rows:
+        return float32, Precision("float32", reason)
+    return (Linears({**flow_packed, **mimi_packed}, int8, int8_rows),
+            Precision("int8+float32", reason, int8_rows))  # fmt: skip
 
 
 # -- slots: the model's state for every row ------------------------------------------------------
@@ -1947,7 +2089,7 @@ class PocketSteps:
     others wait. Another model plugs in by offering the same methods.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, precision: str = "auto"):
         import torch
 
         self.model = model
@@ -1959,12 +2101,11 @@ class PocketSteps:
         # Regions are as long as a sentence can be from the start: growing them while streams
         # run copies them, and every stream stalls for it (measured: 1 s for 16 slots).
         length, frames = row_capacity(model)
-        flow_layers = model.flow_lm.transformer.layers
-        mimi_layers = model.mimi.decoder_transformer.transformer.layers
-        self.flow = Regions(flow_layers, 1, length, self.device, torch.float32)
-        self.mimi = Regions(mimi_layers, 1, mimi_positions(model, frames), self.device,
+        self.flow = Regions(model.flow_lm.transformer.layers, 1, length, self.device,
                             torch.float32)  # fmt: skip
-        self.linear = packed_linear(pack_linears([*flow_layers, *mimi_layers]))
+        self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1,
+                            mimi_positions(model, frames), self.device, torch.float32)  # fmt: skip
+        self.linear, self.precision = choose_linears(model, precision)
         self.mimi_blank = self.fresh_mimi_state(1)  # one stream's state at a sentence's start
         self.mimi_state = self.fresh_mimi_state(1)
         self.graphs: StepGraphs | None = None  # CUDA only: made by `prepare`
@@ -2129,15 +2270,15 @@ class PocketSteps:
         self.mimi_state = bigger
 
 
-def pocket_steps(model) -> PocketSteps | None:
-    """The batched steps of a pocket-tts model; None (one stream per request) where its
-    internals changed."""
+def pocket_steps(model, precision: str = "auto") -> PocketSteps | None:
+    """The batched steps of a pocket-tts model at --precision `precision`; None (one stream per
+    request, float32) where its internals changed."""
     missing = check_internals(model)
     if missing:
         logger.warning("pocket-tts internals changed (%s): generating one stream at a time per "
                        "request, without batching", ", ".join(missing))  # fmt: skip
         return None
-    return PocketSteps(model)
+    return PocketSteps(model, precision)
 
 
 # -- admission ----------------------------------------------------------------------------------
@@ -2652,8 +2793,10 @@ class Engine:
         self.admission = Admission(self.capacity, max_queue, queue_timeout)
         self.steps = steps
         self.scheduler = None
+        self.precision = Precision("float32", "unbatched: pocket-tts's own generation")
         if steps is not None:
             self.scheduler = BatchScheduler(steps, self.capacity, lambda: self.admission.active)
+            self.precision = steps.precision
 
     # -- places -----------------------------------------------------------------------------------
 
@@ -2675,7 +2818,12 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Queue and throughput numbers for /health."""
-        stats = {"batched": self.scheduler is not None, "max_batch": self.max_batch}
+        stats = {
+            "batched": self.scheduler is not None,
+            "max_batch": self.max_batch,
+            "precision": self.precision.name,
+            "precision_reason": self.precision.reason,
+        }
         stats.update(self.admission.stats())
         if self.scheduler is not None:
             stats.update(self.scheduler.stats())
@@ -4143,9 +4291,9 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
 
     steps: the model's batched steps (by default `pocket_steps`: pocket-tts's, or None)."""
     model = load_model(settings) if model is None else model
-    steps = pocket_steps(model) if steps is None else steps
+    steps = pocket_steps(model, settings.precision) if steps is None else steps
     cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
-    fingerprint = model_fingerprint(model, f"{settings.model_path}|{settings.quantize}")
+    fingerprint = model_fingerprint(model, settings.model_path)  # voices are encoded in float32
     latents = cache_root / "latents" / fingerprint
     voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
     remove_leftovers(latents)  # a kill -9 mid-write leaves these
@@ -4161,6 +4309,7 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
         settings.realtime_margin,
         steps,
     )
+    logger.info("precision: %s (%s)", engine.precision.name, engine.precision.reason)
     voices = VoiceCatalog(
         builtin_voice_names(model),
         voices_dir,
