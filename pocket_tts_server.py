@@ -1837,6 +1837,11 @@ def pack_linears(layers) -> dict:
     return packed
 
 
+def quantized_linears(layer) -> tuple:
+    """A FlowLM layer's Linears that pocket-tts's --quantize converts: attention, feed-forward."""
+    return layer.self_attn.in_proj, layer.self_attn.out_proj, layer.linear1, layer.linear2
+
+
 def int8_linears(layers) -> dict:
     """Int8 copies of the Linears pocket-tts's --quantize converts (each layer's attention
     projections and feed-forward): {Linear: torch.ao dynamic int8 Linear}; empty where this torch
@@ -1858,8 +1863,7 @@ def int8_linears(layers) -> dict:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
             for layer in layers:
-                for module in (layer.self_attn.in_proj, layer.self_attn.out_proj, layer.linear1,
-                               layer.linear2):  # fmt: skip
+                for module in quantized_linears(layer):
                     weight = module.weight.detach().float().cpu()
                     scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
                     zeros = torch.zeros(weight.shape[0], dtype=torch.long)
@@ -1875,13 +1879,13 @@ def int8_linears(layers) -> dict:
 
 def linears_seconds(linears: Linears, modules: list, rows: int) -> float:
     """Median seconds `linears` takes to apply every module once to `rows` rows: over 3 runs, or
-    as many as fit in 50 ms (a small model's products take microseconds: 3 would be noise)."""
+    as many as fit in 10 ms (a small model's products take microseconds: 3 would be noise)."""
     import torch
 
     inputs = {m.in_features: torch.randn(rows, 1, m.in_features) for m in modules}
     times: list[float] = []
     with torch.no_grad():
-        while len(times) < 4 or (sum(times[1:]) < 0.05 and len(times) < 200):
+        while len(times) < 4 or (sum(times[1:]) < 0.01 and len(times) < 200):
             started = time.perf_counter()
             for module in modules:
                 linears(module, inputs[module.in_features])
@@ -1908,19 +1912,23 @@ def choose_linears(model, requested: str) -> tuple[Linears, Precision]:
     if requested == "int8":
         return (Linears(mimi_packed, int8, KERNEL_ROWS),
                 Precision("int8", "asked for (--precision int8)", KERNEL_ROWS))  # fmt: skip
-    flow_packed = pack_linears(flow_layers)
-    float32, quantized = Linears({**flow_packed, **mimi_packed}, {}), Linears({}, int8, KERNEL_ROWS)
-    speedups = {rows: linears_seconds(float32, list(int8), rows)
-                / linears_seconds(quantized, list(int8), rows) for rows in KERNEL_ROWS}  # fmt: skip
+    seconds = {rows: [0.0, 0.0] for rows in KERNEL_ROWS}  # float32, int8
+    quantized = Linears({}, int8, KERNEL_ROWS)
+    for layer in flow_layers:  # one layer's packed float32 copies at a time: less peak memory
+        modules, float32 = quantized_linears(layer), Linears(pack_linears([layer]), {})
+        for rows, pair in seconds.items():
+            pair[0] += linears_seconds(float32, modules, rows)
+            pair[1] += linears_seconds(quantized, modules, rows)
+    speedups = {rows: float32 / int8 for rows, (float32, int8) in seconds.items()}
     int8_rows = tuple(rows for rows, speedup in speedups.items() if speedup >= INT8_GAIN)
     measured = ", ".join(f"{rows} rows {speedup:.1f}x" for rows, speedup in speedups.items())
     reason = f"auto: int8 against float32, measured at start-up ({measured})"
-    if len(int8_rows) == len(KERNEL_ROWS):  # the packed float32 copies are not kept
+    if len(int8_rows) == len(KERNEL_ROWS):  # no packed float32 copies of FlowLM to keep
         return Linears(mimi_packed, int8, int8_rows), Precision("int8", reason, int8_rows)
+    packed = {**pack_linears(flow_layers), **mimi_packed}
     if not int8_rows:
-        return float32, Precision("float32", reason)
-    return (Linears({**flow_packed, **mimi_packed}, int8, int8_rows),
-            Precision("int8+float32", reason, int8_rows))  # fmt: skip
+        return Linears(packed, {}), Precision("float32", reason)
+    return Linears(packed, int8, int8_rows), Precision("int8+float32", reason, int8_rows)
 
 
 # -- slots: the model's state for every row ------------------------------------------------------
