@@ -1772,7 +1772,6 @@ KERNEL_ROWS = (1, 2, 4, 8, 16, 64)  # batch sizes compared at start-up (64: a pr
 # int8 runs where it measured at least this much faster: where the two are even (the 2M model's
 # small products: 0.4-1.3x), float32's exact results win.
 INT8_GAIN = 1.1
-PRECISIONS = ("auto", "float32", "int8")
 
 
 @dataclass
