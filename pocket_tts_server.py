@@ -16,20 +16,22 @@ Data flows top to bottom, and so does this file:
     -> main -> page
 
 One thread owns the model: the BatchScheduler's loop. Request threads submit a sentence and read
-its audio; the loop prefills waiting sentences in one batched pass, advances every active stream
-by one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), and lets
-sentences join and leave at any tick. Whatever fails there fails only the rows it concerns, with
-an error their readers raise. Admission keeps the batch faster than real time by a margin: its
+its audio; the loop prefills waiting sentences in one batched pass, advances every active stream by
+one batched FlowLM step per tick (Mimi decodes the previous tick on a second thread), and lets
+sentences join and leave at any tick. Whatever fails there fails only the rows it concerns, with an
+error their readers raise. Admission keeps the batch faster than real time by a margin: its
 capacity comes from step times calibrated at start-up, scaled by a smoothed load and held by
 hysteresis; requests beyond it wait in a bounded FIFO queue. On a GPU both steps replay as CUDA
-graphs, since launching their small kernels one by one would cost more than running them. Each
-stream keeps its own KV regions and seeded noise, so its audio does not depend on what else is
-batched. The Engine yields float32 audio chunks and honours a stop event (set when a client hangs
-up), so HTTP handlers and encoders never depend on how generation is scheduled. Encoders are
-incremental, so a streamed response leaves as soon as the model produces audio, in every format.
-The web page (one player that decodes every format while it streams) and its logo are embedded at
-the end, so this file copied alone still runs. With --wyoming_port, the same Engine also speaks the
-Wyoming protocol, so Home Assistant's voice pipelines use it natively.
+graphs, since launching their small kernels one by one would cost more than running them. On a CPU,
+FlowLM's matrix products run in int8 where start-up measures int8 faster (--precision). Each stream
+keeps its own KV regions and seeded noise, so its audio does not depend on what else is batched (at
+int8, within 1e-4 of its peak: activations share a scale per product). The Engine yields float32
+audio chunks and honours a stop event (set when a client hangs up), so HTTP handlers and encoders
+never depend on how generation is scheduled. Encoders are incremental, so a streamed response
+leaves as soon as the model produces audio, in every format. The web page (one player that decodes
+every format while it streams) and its logo are embedded at the end, so this file copied alone
+still runs. With --wyoming_port, the same Engine also speaks the Wyoming protocol, so Home
+Assistant's voice pipelines use it natively.
 """
 
 from __future__ import annotations
