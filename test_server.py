@@ -3465,9 +3465,8 @@ class TestBatching:
                                         linear)  # fmt: skip
             assert latent.shape == step.shape == (1, 1, lm.ldim)
             assert torch.allclose(latent, step, rtol=1e-4, atol=1e-5)
-            for cache, (keys, values) in zip(caches, regions.layers, strict=True):
-                assert torch.allclose(cache[0, prompt], keys[0, prompt], rtol=1e-4, atol=1e-5)
-                assert torch.allclose(cache[1, prompt], values[0, prompt], rtol=1e-4, atol=1e-5)
+            for cache, stepped in zip(caches, regions.prefix(0, length), strict=True):
+                assert torch.allclose(cache[:, prompt], stepped[:, prompt], rtol=1e-4, atol=1e-5)
 
     def test_requests_arriving_together_share_a_prefill_pass(self, real, voices, monkeypatch):
         engine, passes = real.server.engine, []
