@@ -7,6 +7,7 @@ each burst over the one before. Loopback only, bounded in count and time.
 
     python bench/memory.py                               # 100M model, 5 bursts of 50 clients
     python bench/memory.py --config english_2m_2026-10   # a quick look
+    python bench/memory.py --bursts 2 --clients 8 --precision float32   # against the default
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench import fixed_weight_config, start_server, tone, write_audio  # noqa: E402
+from bench import fixed_weight_config, peak_rss_mb, start_server, tone, write_audio  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -56,17 +57,20 @@ def main():
     parser.add_argument("--bursts", type=int, default=5)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--request_timeout", type=float, default=5.0)
+    parser.add_argument("--precision", default="auto", help="the server's --precision")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pocket-tts-memory-"))
     config = fixed_weight_config(tmp, args.config)
     ref = write_audio(tmp / "ref.wav", tone(180, 6.5))
     proc, url = start_server(config, ref, tmp / "cache",
-                             "--request_timeout", str(args.request_timeout))  # fmt: skip
+                             "--request_timeout", str(args.request_timeout),
+                             "--precision", args.precision)  # fmt: skip
     text = ("The quick brown fox jumps over the lazy dog, again and again. " * 80)[:4096]
     try:
         before = rss_mb(proc.pid)
-        print(f"config {args.config}; after start-up: {before:.0f} MB", flush=True)
+        print(f"config {args.config}, --precision {args.precision}; after start-up: "
+              f"{before:.0f} MB (peak {peak_rss_mb(proc.pid):.0f} MB)", flush=True)  # fmt: skip
         print("| burst | statuses | seconds | RSS MB | growth |\n| --- | --- | --- | --- | --- |")
         for index in range(1, args.bursts + 1):
             t0 = time.monotonic()
@@ -76,6 +80,7 @@ def main():
             print(f"| {index} | {statuses} | {time.monotonic() - t0:.1f} | {now:.0f} | "
                   f"{100 * (now - before) / before:+.1f} % |", flush=True)  # fmt: skip
             before = now
+        print(f"peak RSS: {peak_rss_mb(proc.pid):.0f} MB")
     finally:
         proc.terminate()
         proc.wait()
