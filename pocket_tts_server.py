@@ -1517,27 +1517,54 @@ def check_internals(model) -> list[str]:
     return sorted(set(missing))
 
 
-def rope_rows(x, positions, max_period: float):
-    """pocket-tts's rotary embedding, a position per stream: x [B, T, H, D], positions [B, T]."""
+@dataclass
+class Placement:
+    """Where one pass's queries sit in every stream, shared by the layers of a transformer: their
+    positions, rotary angles and attention mask are computed once, not once per layer."""
+
+    positions: Any  # [B, T] long: each query's position in its stream
+    cos: Any  # [B, T, 1, D/2]: the rotary embedding of those positions
+    sin: Any
+    mask: Any  # [B, T, span] bool: the region indices each query attends to
+
+
+def placement(attn, starts, t: int, span: int, length: int) -> Placement:
+    """The Placement of T queries per stream from `starts` [B], reading `span` indices of regions
+    of `length` (rings: position p is at index p % length)."""
+    import torch
+
+    d, device = attn.dim_per_head, starts.device
+    positions = starts[:, None] + torch.arange(t, device=device)  # [B, T]
+    freqs = torch.exp(torch.arange(d // 2, device=device, dtype=torch.float32)
+                      * (-math.log(attn.rope.max_period) * 2 / d))  # fmt: skip
+    angles = positions.to(torch.float32)[:, :, None, None] * freqs  # [B, T, 1, D/2]
+    # Index j holds the newest position p <= this pass's last with p % L == j (< 0: none yet).
+    newest = positions[:, -1:]
+    held = newest - (newest - torch.arange(span, device=device)) % length  # [B, span]
+    delta = positions[:, :, None] - held[:, None, :]  # [B, T, span]
+    mask = (delta >= 0) & (held >= 0)[:, None, :]
+    if attn.context is not None:
+        mask &= delta < attn.context
+    return Placement(positions, torch.cos(angles), torch.sin(angles), mask)
+
+
+def rope_rows(x, where: Placement):
+    """pocket-tts's rotary embedding, a position per stream: x [B, T, H, D]."""
     import torch
 
     b, t, h, d = x.shape
-    freqs = torch.exp(torch.arange(d // 2, device=x.device, dtype=torch.float32)
-                      * (-math.log(max_period) * 2 / d))  # fmt: skip
-    angles = positions.to(torch.float32)[:, :, None, None] * freqs  # [B, T, 1, D/2]
     pairs = x.view(b, t, h, d // 2, 2)
     real, imag = pairs[..., 0].float(), pairs[..., 1].float()
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    cos, sin = where.cos, where.sin
     rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
     return rotated.to(x.dtype).view(b, t, h, d)
 
 
-def attend(attn, x, keys, values, starts, span: int, linear):
+def attend(attn, x, keys, values, where: Placement, linear):
     """One attention layer for streams with their own KV regions.
 
-    x: [B, T, E]; keys/values: [B, H_kv, L, D], one region per stream; starts: [B] long, the
-    position of x[:, 0] in each stream; span: the region positions to read (known on the host: no
-    device sync per layer); linear: how to apply a Linear (see `Linears`). Writes this
+    x: [B, T, E]; keys/values: [B, H_kv, L, D], one region per stream; where: the queries'
+    positions and mask (`placement`); linear: how to apply a Linear (see `Linears`). Writes this
     step's keys and values into the regions.
 
     A region is a ring: position p is kept at index p % L. One as long as its stream never
@@ -1548,33 +1575,24 @@ def attend(attn, x, keys, values, starts, span: int, linear):
     import torch.nn.functional as F
 
     b, t, _ = x.shape
-    d = attn.dim_per_head
+    d, span = attn.dim_per_head, where.mask.shape[-1]
     projected = linear(attn.in_proj, x)
     q = projected[..., : attn.attn_dim].view(b, t, attn.num_heads, d)
     k, v = projected[..., attn.attn_dim :].view(b, t, 2, attn.num_kv_heads, d).unbind(dim=2)
-    positions = starts[:, None] + torch.arange(t, device=x.device)  # [B, T]
-    q = rope_rows(q, positions, attn.rope.max_period)
-    k = rope_rows(k, positions, attn.rope.max_period)
-    rows, length = torch.arange(b, device=x.device)[:, None], keys.shape[2]
-    keys[rows, :, positions % length] = k.to(keys.dtype)  # [B, T] indices: [B, T, H, D] values
-    values[rows, :, positions % length] = v.to(values.dtype)
+    q, k = rope_rows(q, where), rope_rows(k, where)
+    rows, at = torch.arange(b, device=x.device)[:, None], where.positions % keys.shape[2]
+    keys[rows, :, at] = k.to(keys.dtype)  # [B, T] indices: [B, T, H, D] values
+    values[rows, :, at] = v.to(values.dtype)
     k_all, v_all = keys[:, :, :span], values[:, :, :span]
     if attn.num_kv_heads != attn.num_heads:
         k_all = k_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
         v_all = v_all.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-    # Index j holds the newest position p <= this step's last with p % L == j (< 0: none yet).
-    newest = positions[:, -1:]
-    held = newest - (newest - torch.arange(span, device=x.device)) % length  # [B, span]
-    delta = positions[:, :, None] - held[:, None, :]  # [B, T, span]
-    mask = (delta >= 0) & (held >= 0)[:, None, :]
-    if attn.context is not None:
-        mask &= delta < attn.context
     q = q.transpose(1, 2)  # [B, H, T, D]
     if x.is_cuda and t <= STEP_QUERIES:  # a step: GPU kernels would tile 64 queries for these
         scores = (q @ k_all.transpose(-1, -2)) * d**-0.5  # [B, H, T, span]
-        out = scores.masked_fill(~mask[:, None], -math.inf).softmax(-1) @ v_all
+        out = scores.masked_fill(~where.mask[:, None], -math.inf).softmax(-1) @ v_all
     else:
-        out = F.scaled_dot_product_attention(q, k_all, v_all, mask[:, None])
+        out = F.scaled_dot_product_attention(q, k_all, v_all, where.mask[:, None])
     return linear(attn.out_proj, out.transpose(1, 2).reshape(b, t, attn.attn_dim))
 
 
@@ -1585,10 +1603,16 @@ def run_layers(transformer, x, regions, starts, linear, span: int | None = None)
     sync), a fixed length in a CUDA graph (positions beyond a stream's own are masked)."""
     import torch.nn.functional as F
 
+    length = regions[0][0].shape[2]
     if span is None:
-        span = min(int(starts.max()) + x.shape[1], regions[0][0].shape[2])
+        span = min(int(starts.max()) + x.shape[1], length)
+    shared: dict[tuple, Placement] = {}  # by what a placement depends on: layers alike share one
     for layer, (keys, values) in zip(transformer.layers, regions, strict=True):
-        update = attend(layer.self_attn, layer.norm1(x), keys, values, starts, span, linear)
+        attn = layer.self_attn
+        key = (attn.dim_per_head, attn.rope.max_period, attn.context, keys.shape[2])
+        if key not in shared:
+            shared[key] = placement(attn, starts, x.shape[1], span, keys.shape[2])
+        update = attend(attn, layer.norm1(x), keys, values, shared[key], linear)
         x = x.to(update) + layer.layer_scale_1(update)
         hidden = F.gelu(linear(layer.linear1, layer.norm2(x)), approximate="tanh")
         update = linear(layer.linear2, hidden)
