@@ -4643,7 +4643,8 @@ kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-
 .meter div { height: 100%; width: 0; background: var(--fill); transition: width 60ms linear; }
 
 /* ---- results and voices -------------------------------------------------------------------- */
-.list { list-style: none; padding: 0; margin: 8px 0 0; display: grid; gap: 8px; }
+.list { list-style: none; padding: 0; margin: 8px 0 0; display: grid; gap: 8px;
+  grid-template-columns: minmax(0, 1fr); }  /* an auto column grows to a row's unwrapped text */
 .list li { display: flex; align-items: center; gap: 8px; background: var(--bg);
   border-radius: 10px; padding: 8px 8px 8px 12px; font-size: 14px; flex-wrap: wrap; }
 .list li[aria-current=true] { outline: 2px solid var(--fill); }

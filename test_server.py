@@ -4732,6 +4732,23 @@ class TestBrowserPage:
         page.click("#clear-results")
         assert page.locator("#results li").count() == 0 and page.is_visible("#results-empty")
 
+    @pytest.mark.parametrize("viewport", [(1280, 900), (390, 844)])
+    def test_a_long_passage_row_stays_inside_its_card(self, browser, real, viewport):
+        """Issue #21.1: a result row's text is cut with an ellipsis, not as wide as the text
+        (its Delete button ended at x=1280 against a card edge at 1180; a phone scrolled sideways)."""
+        width, height = viewport
+        page = open_page(browser, real.url, viewport={"width": width, "height": height})
+        passage = " ".join(["A long passage that keeps going, sentence after sentence."] * 6)
+        generate_in_page(page, passage, "wav")
+        card = page.locator("#results-card").bounding_box()
+        for selector in ("#results li", "#results li button:has-text('Delete')"):
+            box = page.locator(selector).first.bounding_box()
+            assert box["x"] >= card["x"] and box["x"] + box["width"] <= card["x"] + card["width"]
+        scroll = page.evaluate("document.documentElement.scrollWidth")
+        assert scroll <= width  # no sideways scrolling
+        assert page.errors == []
+        page.close()
+
     def test_api_key_is_checked_before_it_is_kept(self, browser, stub):
         live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
         try:
