@@ -5440,12 +5440,22 @@ async function run(request, take, where) {
   } catch (error) {
     if (error.name === "AbortError") $("metrics").textContent = "Stopped.";
     else { $("metrics").textContent = ""; showError(where, error); }
+    endTake(take);
     return false;
   } finally {
     ui.job = null;
     setBusy(false);
     player.render();
   }
+}
+
+/** A take stopped or failed: its sound stops too; what arrived stays playable, or the
+ * player goes away if nothing did. */
+function endTake(take) {
+  take.complete = true;
+  if (player.take !== take) return;
+  player.stop();
+  if (take.duration === 0) { player.take = null; $("player").hidden = true; }
 }
 
 async function generate() {

@@ -4696,6 +4696,30 @@ class TestBrowserPage:
         page.wait_for_function("document.querySelector('#metrics').textContent === 'Stopped.'")
         assert page.inner_text("#generate") == "Generate"
 
+    def test_stop_ends_the_sound_and_the_player_is_not_left_stuck(self, page):
+        """Issue #21.2-3: Stop ends playback (the clock stops, the button says Play, the take
+        plays again from the start); a failed request leaves no phantom player."""
+        page.click("[data-prompt=long]")
+        page.click("#generate")
+        page.wait_for_function("window.firstSound !== undefined")
+        page.wait_for_timeout(500)
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#metrics').textContent === 'Stopped.'")
+        assert page.inner_text("#play") == "Play"
+        assert page.evaluate("() => player.playing || player.sources.size") in (False, 0)
+        shown = page.inner_text("#time")
+        page.wait_for_timeout(400)
+        assert page.inner_text("#time") == shown and shown.startswith("0:00 / ")  # it stopped
+        page.click("#play")  # what arrived plays again
+        page.wait_for_function("document.querySelector('#play').textContent === 'Pause'")
+        page.click("#play")
+        page.route("**/v1/audio/speech", lambda route: route.abort())
+        page.fill("#text", "Hello world.")
+        page.click("#generate")
+        page.wait_for_selector("#compose-error:not([hidden])")
+        assert page.is_hidden("#player")  # no "Pause 0:00 / 0:00" left behind
+        page.unroute("**/v1/audio/speech")
+
     def test_counter_counts_like_the_server_and_chips_can_be_undone(self, page, real):
         page.fill("#text", "😀" * 4096)  # 4,096 code points: valid, the server agrees
         assert page.inner_text("#counter") == "4,096 / 4,096 characters"
