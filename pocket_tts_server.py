@@ -4589,6 +4589,17 @@ main { display: grid; gap: 18px; grid-template-columns: minmax(0, 1.35fr) minmax
   main { grid-template-columns: minmax(0, 1fr);
     grid-template-areas: "key" "compose" "side" "voices"; }
 }
+/* A phone: the player stays on screen while the page scrolls (it would sit below the form), and
+   what a finger presses is 44 px tall. A touch screen has no keyboard shortcut to show. */
+@media (max-width: 600px) {
+  #player:not([hidden]) { position: fixed; left: 8px; right: 8px; bottom: 8px; z-index: 5;
+    max-height: 45vh; overflow: auto; }
+  body:has(#player:not([hidden])) { padding-bottom: 46vh; }
+}
+@media (max-width: 600px), (pointer: coarse) {
+  .list button, .transport button { min-height: 44px; min-width: 44px; }
+}
+@media (hover: none) and (pointer: coarse) { #shortcut { display: none; } }
 section { background: var(--panel); border: 1px solid var(--line); border-radius: 14px;
   padding: 18px; box-shadow: var(--shadow); min-width: 0; }
 h2 { font-size: 14px; text-transform: uppercase; letter-spacing: .6px; color: var(--muted);
@@ -4734,7 +4745,7 @@ dialog .actions { justify-content: flex-end; }
       </div>
       <div class="actions">
         <button type="button" id="generate" class="primary">Generate</button>
-        <span class="hint"><kbd>Ctrl</kbd>/<kbd>⌘</kbd> + <kbd>Enter</kbd></span>
+        <span class="hint" id="shortcut"><kbd>Ctrl</kbd>/<kbd>⌘</kbd> + <kbd>Enter</kbd></span>
         <p id="metrics" class="metrics" aria-live="polite"></p>
       </div>
       <p id="compose-error" class="error" role="alert" hidden></p>

@@ -4773,6 +4773,28 @@ class TestBrowserPage:
         assert page.errors == []
         page.close()
 
+    def test_a_phone_keeps_the_player_on_screen_with_buttons_a_finger_can_press(
+        self, browser, real
+    ):
+        """Issue #21.5: on a 390x844 touch screen the player stays in view while audio plays
+        (it sat below the form), row buttons are 44 px tall, and no keyboard hint shows."""
+        page = open_page(browser, real.url, viewport={"width": 390, "height": 844},
+                         has_touch=True, is_mobile=True)  # fmt: skip
+        assert page.is_hidden("#shortcut")
+        page.fill("#text", "Hello world.")
+        page.click("#generate")
+        page.wait_for_selector("#player:not([hidden])")
+        box = page.locator("#player").bounding_box()
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 844  # in view without scrolling
+        page.wait_for_function("document.querySelectorAll('#results li').length > 0")
+        for button in page.locator("#results li button").all():
+            assert button.bounding_box()["height"] >= 44
+        page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+        last = page.locator("#voices").bounding_box()  # the page's end is not under the player
+        assert last["y"] + last["height"] <= page.locator("#player").bounding_box()["y"] + 1
+        assert page.errors == []
+        page.close()
+
     def test_api_key_is_checked_before_it_is_kept(self, browser, stub):
         live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
         try:
