@@ -5298,9 +5298,11 @@ const player = {
     if (this.ctx) { this.silence(); this.ctx.suspend(); }
   },
   seek(seconds) {
+    seconds = Math.max(0, Math.min(seconds, this.take ? this.take.duration : 0));
     if (this.playing) this.from(seconds);
-    else this.offset = seconds;
+    else { this.offset = seconds; this.render(); }  // time, waveform and label at once
   },
+  toggle() { if (this.playing) this.pause(); else this.play(); },
   position() {
     if (!this.take) return 0;
     const at = this.playing ? this.ctx.currentTime - this.origin : this.offset;
@@ -5320,6 +5322,7 @@ const player = {
     }
     if (!this.looping) requestAnimationFrame(() => this.frame());
     this.looping = true;
+    this.render();  // the label says Pause at once
   },
   start(entry, when, skip) {
     const source = this.ctx.createBufferSource();
@@ -5776,9 +5779,16 @@ document.addEventListener("keydown", (event) => {
     generate();
   }
 });
-$("play").addEventListener("click", () => (player.playing ? player.pause() : player.play()));
+$("play").addEventListener("click", () => player.toggle());
 $("stop").addEventListener("click", () => player.stop());
 $("seek").addEventListener("input", () => player.seek(Number($("seek").value)));
+$("seek").addEventListener("keydown", (event) => {  // arrows step 5 s; Space plays or pauses
+  const step = { ArrowLeft: -5, ArrowDown: -5, ArrowRight: 5, ArrowUp: 5 }[event.key];
+  if (step === undefined && event.key !== " ") return;
+  event.preventDefault();
+  if (step === undefined) player.toggle();
+  else player.seek(player.position() + step);
+});
 $("wave").addEventListener("click", (event) => {
   const box = $("wave").getBoundingClientRect();
   if (player.take) player.seek(((event.clientX - box.left) / box.width) * player.take.duration);

@@ -4795,6 +4795,34 @@ class TestBrowserPage:
         assert page.errors == []
         page.close()
 
+    def test_seeking_by_keyboard_while_paused_shows_at_once(self, page):
+        """Issue #21.9: on the slider, End and Home move time, label and waveform at once while
+        paused; arrows step 5 s; Space plays and pauses."""
+        generate_in_page(page, " ".join(CORPUS), "wav")
+        page.wait_for_function("window.streamDone !== undefined")
+        if page.inner_text("#play") == "Pause":
+            page.click("#play")
+        duration = page.evaluate("() => player.take.duration")
+        assert duration > 12
+        total = page.inner_text("#time").split(" / ")[1]
+        page.focus("#seek")
+        page.keyboard.press("End")
+        assert page.inner_text("#time") == f"{total} / {total}"
+        page.keyboard.press("Home")
+        assert page.inner_text("#time") == f"0:00 / {total}"
+        wave = page.evaluate("() => document.querySelector('#wave').toDataURL()")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        assert page.inner_text("#time") == f"0:10 / {total}"
+        assert page.get_attribute("#seek", "aria-valuetext") == f"0:10 of {total}"
+        assert page.evaluate("() => document.querySelector('#wave').toDataURL()") != wave
+        page.keyboard.press("ArrowLeft")
+        assert page.inner_text("#time") == f"0:05 / {total}"
+        page.keyboard.press(" ")
+        assert page.inner_text("#play") == "Pause"
+        page.keyboard.press(" ")
+        assert page.inner_text("#play") == "Play"
+
     def test_api_key_is_checked_before_it_is_kept(self, browser, stub):
         live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
         try:
