@@ -5455,12 +5455,22 @@ async function run(request, take, where) {
     if (error.name === "AbortError") $("metrics").textContent = "Stopped.";
     else { $("metrics").textContent = ""; showError(where, error); }
     endTake(take);
+    if (error.code === "voice_not_found") await forgetVanishedVoice(where);
     return false;
   } finally {
     ui.job = null;
     setBusy(false);
     player.render();
   }
+}
+
+/** The chosen voice is gone from the server: list the voices again, fall back to the default,
+ * and say so beside the error. */
+async function forgetVanishedVoice(where) {
+  try { await loadVoices(""); } catch (_) { return; }  // unreachable: the banner says so
+  const chosen = $("voice").selectedOptions[0];
+  $(where).textContent = "That voice is no longer on the server: " +
+    `${chosen ? chosen.textContent : "the default voice"} is selected instead.`;
 }
 
 /** A take stopped or failed: its sound stops too; what arrived stays playable, or the

@@ -4673,6 +4673,7 @@ class TestBrowserPage:
         page.close()
 
     def test_a_vanished_voice_is_explained(self, page, real):
+        Path(real.server.voices.voices_dir).mkdir(parents=True, exist_ok=True)  # run alone too
         write_audio(Path(real.server.voices.voices_dir) / "Doomed.wav", tone(240, 2.0))
         page.reload()
         page.wait_for_function(
@@ -4682,10 +4683,17 @@ class TestBrowserPage:
         (Path(real.server.voices.voices_dir) / "Doomed.wav").unlink()  # behind the page's back
         page.fill("#text", "Hello world.")
         page.click("#generate")
-        page.wait_for_selector("#compose-error:not([hidden])")
+        page.wait_for_function("document.querySelector('#voice').value !== 'Doomed'")
+        options = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+        assert "Doomed" not in options  # the list was loaded again (issue #21.8)
+        selected = page.eval_on_selector("#voice", "s => s.selectedOptions[0].textContent")
+        assert "(default)" in selected
+        assert page.is_visible("#compose-error")
         assert page.inner_text("#compose-error") == (
-            "That voice is no longer on the server. Pick another."
+            f"That voice is no longer on the server: {selected} is selected instead."
         )
+        generate_in_page(page, "Hello world.", "wav")  # the default speaks
+        assert page.is_hidden("#compose-error")
 
     def test_stop_button_and_keyboard_shortcut(self, page):
         page.click("[data-prompt=long]")
