@@ -4705,6 +4705,7 @@ dialog .actions { justify-content: flex-end; }
         <label for="api-key">This server asks for an API key. It is kept in this browser
           only.</label>
         <div class="inline">
+          <input type="text" name="username" autocomplete="username" value="pocket-tts" hidden>
           <input id="api-key" type="password" autocomplete="current-password" required>
           <button type="submit" id="key-save">Use key</button>
           <button type="button" id="key-forget" hidden>Forget key</button>
@@ -4924,7 +4925,9 @@ async function api(path, options = {}) {
   if (response.ok) return response;
   let details = {};
   try { details = (await response.json()).error || {}; } catch (_) { /* not JSON */ }
-  if (response.status === 401) keys.ask("The saved key is not accepted. Enter the current one.");
+  if (response.status === 401) {  // with no key saved, the card's own words say what to do
+    keys.ask(apiKey ? "The saved key is not accepted. Enter the current one." : "");
+  }
   throw new ApiError(plainWords(response.status, details),
                      { status: response.status, code: details.code, param: details.param });
 }

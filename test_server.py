@@ -4863,6 +4863,29 @@ class TestBrowserPage:
         finally:
             live.close()
 
+    def test_a_fresh_browser_is_not_told_of_a_saved_key_and_logs_nothing(self, browser, stub):
+        """Issue #21.10: with --api_key, a browser that never saved a key is not told its saved
+        key is refused; the key form raises no console message (a password form wants a
+        username field)."""
+        live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
+        try:
+            page = browser.new_page()
+            messages = []
+            page.on("console", lambda message: messages.append(message.text))
+            page.goto(live.url + "/")
+            page.wait_for_selector("#key-card:not([hidden])")
+            page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
+            page.fill("#text", "Hello world.")
+            with page.expect_response("**/v1/audio/speech") as response:
+                page.click("#generate")
+            assert response.value.status == 401
+            page.wait_for_function("document.querySelector('#generate').textContent === 'Generate'")
+            assert page.is_visible("#key-card") and page.is_hidden("#key-error")
+            assert not [m for m in messages if "Password forms" in m], messages
+            page.close()
+        finally:
+            live.close()
+
     @pytest.mark.parametrize("scheme", ["light", "dark"])
     def test_axe_finds_no_serious_violations(self, browser, real, scheme, tmp_path):
         if not AXE.is_file():
