@@ -4019,6 +4019,37 @@ class TestPrecision:
         difference = np.sqrt(np.mean((int8 - float32) ** 2) / np.mean(float32**2))
         assert 0 < difference < 0.05  # measured: 1e-4 on the test model
 
+    def test_an_int8_kernel_that_raises_fails_its_batch_and_the_next_request_speaks(
+        self, real, monkeypatch
+    ):
+        """A fault inside an int8 product mid-step: every stream in the batch gets its error
+        within a second, and the next request speaks in full."""
+        engine = srv.Engine(real.model, max_batch=8, steps=srv.PocketSteps(real.model, "int8"))
+        voice = real.server.engine.voice_state(real.server.voices.default)
+        module = real.model.flow_lm.transformer.layers[-1].linear1
+        int8_copy, calls, failed_at = engine.steps.linear.int8[module], [], []
+
+        def faulty(x):
+            calls.append(x.shape[0])
+            if len(calls) == 40:  # some steps in, with all three streams in the batch
+                failed_at.append(time.monotonic())
+                raise RuntimeError("injected int8 kernel failure")
+            return type(int8_copy).forward(int8_copy, x)
+
+        monkeypatch.setattr(int8_copy, "forward", faulty)
+        try:
+            outcomes = generate_in_threads(engine, CORPUS, voice)
+            assert len(outcomes) == 3 and failed_at
+            for _seconds, error, ended in outcomes.values():
+                assert isinstance(error, srv.GenerationFailed) and "injected" in str(error)
+                assert ended - failed_at[0] < 1.0
+            monkeypatch.undo()
+            [(seconds, error, _)] = generate_in_threads(engine, ["Hello world."], voice).values()
+            assert error is None
+            assert abs(seconds - TestRealModel.library_seconds(real.model, "Hello world.")) < 1e-3
+        finally:
+            engine.close()
+
     def test_health_and_the_log_say_which_precision_runs_and_why(
         self, real, reference, tmp_path, caplog
     ):
