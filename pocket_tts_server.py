@@ -4709,6 +4709,7 @@ dialog .actions { justify-content: flex-end; }
           <input id="api-key" type="password" autocomplete="current-password" required>
           <button type="submit" id="key-save">Use key</button>
           <button type="button" id="key-forget" hidden>Forget key</button>
+          <button type="button" id="key-cancel" hidden>Cancel</button>
         </div>
         <p id="key-error" class="error" role="alert" hidden></p>
       </form>
@@ -4946,7 +4947,8 @@ function clearError(where) { $(where).hidden = true; $(where).textContent = ""; 
 const keys = {
   ask(message = "") {
     $("key-card").hidden = false;
-    $("key-forget").hidden = !apiKey;
+    $("key-forget").hidden = $("key-cancel").hidden = !apiKey;
+    updateCounter();
     $("api-key").value = apiKey;
     if (message) showError("key-error", new Error(message));
     $("api-key").focus();
@@ -5708,9 +5710,9 @@ async function removeVoice(name) {
 }
 
 // ---- wiring ------------------------------------------------------------------------------------
-function canGenerate() {
+function canGenerate() {  // some text, within the limit, and no key being asked for
   const length = codePoints($("text").value);
-  return $("text").value.trim() !== "" && length <= ui.maxChars;
+  return $("text").value.trim() !== "" && length <= ui.maxChars && $("key-card").hidden;
 }
 
 function updateCounter() {
@@ -5812,6 +5814,11 @@ $("clone-add").addEventListener("click", addVoice);
 $("key-form").addEventListener("submit", (event) => keys.submit(event));
 $("key-forget").addEventListener("click", () => keys.forget());
 $("key-change").addEventListener("click", () => keys.ask());
+$("key-cancel").addEventListener("click", () => {  // keep the saved key
+  $("key-card").hidden = true;
+  clearError("key-error");
+  updateCounter();
+});
 wireDropAnywhere();
 
 $("text").value = PROMPTS.greeting;

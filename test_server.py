@@ -4907,12 +4907,41 @@ class TestBrowserPage:
             page.wait_for_selector("#key-card:not([hidden])")
             page.wait_for_function("document.querySelectorAll('#voice option').length > 1")
             page.fill("#text", "Hello world.")
+            # The page of a server that asked for no key when it loaded (Generate is disabled
+            # while the card is open): its first request meets the key.
+            page.evaluate("() => { document.querySelector('#key-card').hidden = true; "
+                          "updateCounter(); }")  # fmt: skip
             with page.expect_response("**/v1/audio/speech") as response:
                 page.click("#generate")
             assert response.value.status == 401
             page.wait_for_function("document.querySelector('#generate').textContent === 'Generate'")
             assert page.is_visible("#key-card") and page.is_hidden("#key-error")
             assert not [m for m in messages if "Password forms" in m], messages
+            page.close()
+        finally:
+            live.close()
+
+    def test_generate_waits_while_the_key_is_asked_for_and_a_change_can_be_cancelled(
+        self, browser, stub
+    ):
+        """Issue #21.10: Generate is disabled while the key card is open; "Change key" has a
+        Cancel that keeps the saved key."""
+        live = LiveServer(make_server(stub, api_key="s3cret").app, threads=4)
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.wait_for_selector("#key-card:not([hidden])")
+            page.fill("#text", "Hello world.")
+            assert page.is_disabled("#generate") and page.is_hidden("#key-cancel")
+            page.fill("#api-key", "s3cret")
+            page.click("#key-save")
+            page.wait_for_selector("#key-card", state="hidden")
+            assert page.is_enabled("#generate")
+            page.click("#key-change")
+            assert page.is_visible("#key-card") and page.is_disabled("#generate")
+            page.click("#key-cancel")
+            assert page.is_hidden("#key-card") and page.is_enabled("#generate")
+            assert page.evaluate("localStorage.getItem('pocket-tts-api-key')") == "s3cret"
             page.close()
         finally:
             live.close()
