@@ -4973,6 +4973,7 @@ const keys = {
     localStorage.setItem(KEY_STORAGE, apiKey);
     $("key-card").hidden = true;
     $("key-change").hidden = false;
+    updateCounter();  // Generate is back at once
     refresh();
   },
   forget() {
