@@ -3620,6 +3620,7 @@ class SpeechServer:
         return jsonify(
             status="ok",
             model=Path(self.settings.model_path).name,  # a path would tell where files are
+            language=self.language,
             device=self.device,
             sample_rate=self.engine.sample_rate,
             voices=len(self.voices.names()),
@@ -4660,7 +4661,13 @@ kbd { font: 12px ui-monospace, monospace; border: 1px solid var(--line); border-
   border-radius: 10px; padding: 8px 8px 8px 12px; font-size: 14px; flex-wrap: wrap; }
 .list li[aria-current=true] { outline: 2px solid var(--fill); }
 .list .grow { flex: 1 1 180px; min-width: 0; }  /* the buttons wrap below it on phones */
-.buttons { display: flex; gap: 6px; }
+.tiles { grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); }
+.tiles li { border: 1px solid var(--line); padding: 10px 12px; align-content: space-between; }
+.tiles .grow { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.tiles li.selected { border-color: var(--fill); box-shadow: inset 0 0 0 1px var(--fill); }
+.tiles li.empty { grid-column: 1 / -1; border: 0; }
+[aria-pressed=true] { border-color: var(--fill); color: var(--accent); font-weight: 600; }
+.buttons { display: flex; gap: 6px; flex-wrap: wrap; }
 .list .meta { font-size: 12px; color: var(--muted); }
 .snippet { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .small { padding: 3px 9px; font-size: 13px; }
@@ -4773,7 +4780,10 @@ dialog .actions { justify-content: flex-end; }
       <section id="results-card" aria-labelledby="results-title">
         <div class="title-row"><h2 id="results-title">Results</h2>
           <button type="button" id="clear-results" class="small" hidden>Clear all</button></div>
-        <p id="results-empty" class="empty">Generated audio appears here.</p>
+        <p id="results-empty" class="empty">Generated audio appears here. This browser keeps
+          it for next time.</p>
+        <p id="removed" class="hint" aria-live="polite" hidden><span id="removed-text"></span>
+          <button type="button" id="undo-remove" class="link">Undo</button></p>
         <p id="save-error" class="error" role="alert" hidden></p>
         <ul id="results" class="list"></ul>
       </section>
@@ -4795,11 +4805,17 @@ dialog .actions { justify-content: flex-end; }
       <p id="clone-error" class="error" role="alert" hidden></p>
       <h3 id="mine-title">Your voices</h3>
       <p class="hint">Uploaded from this page.</p>
-      <ul id="my-voices" class="list" aria-labelledby="mine-title"></ul>
+      <ul id="my-voices" class="list tiles" aria-labelledby="mine-title"></ul>
       <h3 id="theirs-title">On the server</h3>
       <p class="hint">Built into the model or put in the server's voices folder.</p>
-      <ul id="server-voices" class="list" aria-labelledby="theirs-title"></ul>
+      <ul id="server-voices" class="list tiles" aria-labelledby="theirs-title"></ul>
+      <p id="voices-alert" class="sr-only" aria-live="polite"></p>
       <p id="voices-error" class="error" role="alert" hidden></p>
+      <details id="aliases" class="hint" hidden>
+        <summary>OpenAI voice names</summary>
+        <p>Apps made for OpenAI may ask for its voice names; each speaks as one of the voices
+          above: <span id="alias-list"></span>.</p>
+      </details>
     </section>
   </main>
 </div>
@@ -4834,7 +4850,7 @@ const PROMPTS = {
         "turning, patient and bright, until the morning came back over the hills.",
 };
 const ui = { maxChars: 4096, defaultVoice: null, auth: false, job: null, takes: [],
-             previews: new Map(), undoText: "", over: false, cloneFile: null };
+             previews: new Map(), undoText: "", over: false, cloneFile: null, removed: [] };
 let apiKey = localStorage.getItem(KEY_STORAGE) || "";
 
 const codePoints = (text) => [...text].length;  // how the server counts characters
@@ -4888,6 +4904,9 @@ function plainWords(status, { message = "", code } = {}) {
   return words.charAt(0).toUpperCase() + words.slice(1) || "The request was refused.";
 }
 
+/** Whether the server answers: a banner while it does not, retried every 3 s; an idle page
+ * asks every 5 s while it is in view, so it notices a server that went away. When the server is
+ * back, the errors it caused are cleared and the page reloads its status and voices. */
 const connection = {
   timer: null,
   down() {
@@ -4899,6 +4918,7 @@ const connection = {
     clearInterval(this.timer);
     this.timer = null;
     $("offline").hidden = true;
+    document.querySelectorAll("[data-cause=offline]").forEach((box) => clearError(box.id));
     refresh();
   },
   async probe() {
@@ -4906,9 +4926,21 @@ const connection = {
       if ((await fetch("/health", { cache: "no-store" })).ok) this.up();
     } catch (_) { /* still down */ }
   },
+  async check() {  // one question, from an idle page or after a cut-off stream
+    if (this.timer) return;
+    try { await fetch("/health", { cache: "no-store" }); } catch (_) { this.down(); }
+  },
+  watch() {
+    setInterval(() => { if (document.visibilityState === "visible") this.check(); }, 5000);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") this.check();
+    });
+  },
 };
 
 const OFFLINE = "Can't reach the server. Check that it is running, then try again.";
+const CUT_OFF = "The connection to the server broke off during this take. What arrived can " +
+                "still be played.";
 
 /** fetch() against the API: adds the key; failures become ApiErrors in plain words. */
 async function api(path, options = {}) {
@@ -4933,11 +4965,13 @@ async function api(path, options = {}) {
                      { status: response.status, code: details.code, param: details.param });
 }
 
-/** An error shown where it happened (a 401 is handled by the key card instead). */
+/** An error shown where it happened (a 401 is handled by the key card instead). One that the
+ * server's absence caused is marked, so that it goes when the server is back. */
 function showError(where, error) {
   if (error.name === "AbortError" || error.status === 401) return;
   const box = $(where);
   box.textContent = error.message || String(error);
+  box.dataset.cause = error.offline ? "offline" : "";
   box.hidden = false;
   box.scrollIntoView({ block: "nearest" });
 }
@@ -4971,10 +5005,14 @@ const keys = {
     }
     apiKey = candidate;
     localStorage.setItem(KEY_STORAGE, apiKey);
-    $("key-card").hidden = true;
+    this.close();
     $("key-change").hidden = false;
-    updateCounter();  // Generate is back at once
     refresh();
+  },
+  close() {  // the card goes; Generate is back at once
+    $("key-card").hidden = true;
+    clearError("key-error");
+    updateCounter();
   },
   forget() {
     apiKey = "";
@@ -5270,9 +5308,15 @@ const player = {
     this.take = take;
     $("player").hidden = false;
     $("now-title").textContent = take.title;
-    $("now-meta").textContent = take.meta();
+    $("now-meta").textContent = `${take.voice} · ${take.meta()}`;
     $("player-note").hidden = true;
     renderResults();
+  },
+  /** Forget the current take: its sound stops and the player goes away. */
+  close() {
+    this.stop();
+    this.take = null;
+    $("player").hidden = true;
   },
   /** A take's next chunk: scheduled at once if it is the take playing. */
   append(take, samples, rate) {
@@ -5281,7 +5325,9 @@ const player = {
     const entry = { at: take.duration, buffer };
     take.buffers.push(entry);
     take.duration += buffer.duration;
-    take.peaks.push(...peaks(samples, rate));
+    const added = peaks(samples, rate);
+    take.peaks.push(...added);
+    take.loudest = Math.max(take.loudest, ...added);
     if (take !== this.take) return;
     if (!this.playing) { this.render(); return; }
     const now = this.ctx.currentTime;
@@ -5369,15 +5415,16 @@ const player = {
     $("level").style.width = `${this.playing ? Math.round(100 * this.level()) : 0}%`;
     drawWave(take, position);
   },
-  level() {  // loudness of what sounds now, 0..1
+  level() {  // the loudest sample sounding now, against the take's loudest: 0..1
     const data = new Float32Array(this.analyser.fftSize);
     this.analyser.getFloatTimeDomainData(data);
-    return Math.min(1, 4 * Math.sqrt(data.reduce((sum, v) => sum + v * v, 0) / data.length));
+    const peak = data.reduce((loudest, v) => Math.max(loudest, Math.abs(v)), 0);
+    return Math.min(1, peak / this.take.loudest);
   },
 };
 
 const PEAKS_PER_SECOND = 50;
-function peaks(samples, rate) {  // loudest sample per 20 ms, for the waveform
+function peaks(samples, rate) {  // loudest sample per 20 ms, for the waveform and meter
   const step = Math.round(rate / PEAKS_PER_SECOND), out = [];
   for (let i = 0; i < samples.length; i += step) {
     let peak = 0;
@@ -5400,7 +5447,7 @@ function drawWave(take, position) {
     const from = Math.floor((bar * n) / bars);
     const to = Math.max(from + 1, Math.floor(((bar + 1) * n) / bars));
     const peak = Math.max(...take.peaks.slice(from, to));
-    const h = Math.max(ratio, peak * height * 0.95);
+    const h = Math.max(ratio, (peak / take.loudest) * height * 0.95);  // quiet takes fill it
     g.fillStyle = style.getPropertyValue(bar / bars < played ? "--fill" : "--wave");
     g.fillRect(bar * 3 * ratio, (height - h) / 2, 2 * ratio, h);
   }
@@ -5409,10 +5456,17 @@ function drawWave(take, position) {
 // ---- generation: a request streamed into a take, played while it arrives ----------------------
 let takeCount = 0;
 
-function newTake({ voice, text, format, speed }) {
+/** A take's title: the first words of its text. */
+function firstWords(text, words = 6, chars = 48) {
+  const all = text.trim().split(/\s+/), head = all.slice(0, words).join(" ");
+  return all.length > words || head.length > chars ? `${head.slice(0, chars)}…` : head;
+}
+
+function newTake({ voice, text, format, speed, created = Date.now() }) {
   return {
-    id: ++takeCount, voice, text, format, speed, title: voice, buffers: [], peaks: [],
-    duration: 0, complete: false, file: null,
+    id: ++takeCount, key: `${created}-${takeCount}`, created, voice, text, format, speed,
+    title: firstWords(text), buffers: [], peaks: [], loudest: 1e-4, duration: 0,
+    complete: false, file: null,
     meta() { return `${format.toUpperCase()} · ${speed.toFixed(2)}×`; },
   };
 }
@@ -5430,7 +5484,11 @@ async function stream(request, take, signal) {
   });
   const reader = response.body.getReader();
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await reader.read().catch((error) => {
+      if (error.name === "AbortError") throw error;
+      connection.check();  // a server that went away: the banner, and recovery when it is back
+      throw new ApiError(CUT_OFF, { offline: true });
+    });
     if (done) break;
     decoder.push(value);
   }
@@ -5484,8 +5542,8 @@ async function forgetVanishedVoice(where) {
 function endTake(take) {
   take.complete = true;
   if (player.take !== take) return;
-  player.stop();
-  if (take.duration === 0) { player.take = null; $("player").hidden = true; }
+  if (take.duration === 0) player.close();
+  else player.stop();
 }
 
 async function generate() {
@@ -5502,8 +5560,7 @@ async function generate() {
   const speedUp = (take.duration / take.elapsed).toFixed(1);
   $("metrics").textContent = `First audio ${Math.round(take.firstAudio)} ms · ` +
     `${take.duration.toFixed(1)} s of audio · ${speedUp}× real time`;
-  ui.takes.unshift(take);
-  renderResults();
+  keepTake(take);
   if (text === ui.undoText) $("undo-note").hidden = true;
 }
 
@@ -5528,7 +5585,86 @@ function setBusy(busy) {
   updateCounter();
 }
 
-// ---- results: play in the player, save with the real length, delete ---------------------------
+// ---- results: kept in this browser; play, download or save as, remove with an undo --------------
+// Each result is kept in IndexedDB as its file and its 16-bit samples, so that it plays again
+// after a reload. The newest KEEP.takes within KEEP.bytes are kept; older ones go.
+const KEEP = { takes: 50, bytes: 200 * 1024 * 1024 };
+
+/** The results store: one IndexedDB object store of take records, keyed by `key`. */
+const shelf = {
+  db: null,
+  async open() {
+    this.db ??= await new Promise((resolve, reject) => {
+      const request = indexedDB.open("pocket-tts-studio", 1);
+      request.onupgradeneeded = () => request.result.createObjectStore("takes", { keyPath: "key" });
+      request.onsuccess = () => resolve(request.result);
+      request.onerror = () => reject(request.error);
+    });
+    return this.db;
+  },
+  /** One transaction: `work(store)` queues requests; resolves with the last one's result. */
+  async run(mode, work) {
+    const tx = (await this.open()).transaction("takes", mode);
+    const request = work(tx.objectStore("takes"));
+    return new Promise((resolve, reject) => {
+      tx.oncomplete = () => resolve(request?.result);
+      tx.onerror = tx.onabort = () => reject(tx.error);
+    });
+  },
+  all() { return this.run("readonly", (store) => store.getAll()); },
+  put(records) { return this.run("readwrite", (store) => records.forEach((r) => store.put(r))); },
+  remove(keys) { return this.run("readwrite", (store) => keys.forEach((k) => store.delete(k))); },
+};
+
+/** What is stored of a take: its file, and its samples as 16-bit PCM to play it again. */
+function takeRecord(take) {
+  const rate = take.buffers[0]?.buffer.sampleRate ?? 24000;
+  const samples = new Int16Array(sampleCount(take));
+  let at = 0;
+  for (const { buffer } of take.buffers) {
+    buffer.getChannelData(0).forEach((v, i) => {
+      samples[at + i] = Math.max(-32768, Math.min(32767, Math.round(v * 32768)));
+    });
+    at += buffer.length;
+  }
+  const { key, created, voice, text, format, speed, file } = take;
+  return { key, created, voice, text, format, speed, file, rate, samples };
+}
+
+function restoredTake(record) {
+  const take = Object.assign(newTake(record), { key: record.key, file: record.file });
+  player.append(take, Float32Array.from(record.samples, (v) => v / 32768), record.rate);
+  take.complete = true;
+  return take;
+}
+
+const sampleCount = (take) => take.buffers.reduce((n, entry) => n + entry.buffer.length, 0);
+const storedBytes = (take) => take.file.size + 2 * sampleCount(take);
+
+function storeTakes(takes) {
+  shelf.put(takes.map(takeRecord)).catch((error) => showError("save-error",
+    new Error(`This browser could not keep the result for later (${error?.message}).`)));
+}
+
+/** A finished take: first in the list and stored; the oldest go past the cap. */
+function keepTake(take) {
+  ui.takes.unshift(take);
+  let bytes = 0;
+  const over = ui.takes.filter((t, i) => (bytes += storedBytes(t)) > KEEP.bytes || i >= KEEP.takes);
+  ui.takes = ui.takes.filter((t) => !over.includes(t));
+  storeTakes([take]);
+  if (over.length) shelf.remove(over.map((t) => t.key)).catch(() => {});
+  renderResults();
+}
+
+async function restoreTakes() {
+  try {
+    const records = await shelf.all();
+    ui.takes = records.sort((a, b) => b.created - a.created).map(restoredTake);
+  } catch (_) { return; }  // no IndexedDB (a private window may refuse it): this session only
+  renderResults();
+}
+
 function renderResults() {
   const list = $("results");
   list.replaceChildren(...ui.takes.map(resultItem));
@@ -5536,54 +5672,88 @@ function renderResults() {
   $("clear-results").hidden = ui.takes.length === 0;
 }
 
+const TIME = { hour: "2-digit", minute: "2-digit" };
+function when(created) {  // "14:05" today, "3 Dec, 14:05" before
+  const date = new Date(created), today = date.toDateString() === new Date().toDateString();
+  return today ? date.toLocaleTimeString([], TIME)
+    : date.toLocaleString([], { day: "numeric", month: "short", ...TIME });
+}
+
 function resultItem(take) {
   const item = element("li", { ariaCurrent: String(take === player.take) });
   const about = element("div", { className: "grow" },
-    element("div", {}, element("b", { textContent: take.voice })),
-    element("div", { className: "meta", textContent:
-      `${take.meta()} · ${take.duration.toFixed(1)} s · ${fileSize(take.file.size)}` }),
-    element("div", { className: "meta snippet", textContent: take.text }));
-  const name = `take ${take.id}, ${take.voice}`;
+    element("div", { className: "snippet" }, element("b", { textContent: take.title })),
+    element("div", { className: "meta", textContent: `${take.voice} · ${when(take.created)} · ` +
+      `${take.meta()} · ${take.duration.toFixed(1)} s · ${fileSize(take.file.size)}` }));
+  const name = `“${take.title}”, ${when(take.created)}`;
   const button = (text, action) => rowButton(text, `${text} ${name}`, action);
-  item.append(about, element("div", { className: "buttons" },
+  const buttons = element("div", { className: "buttons" },
     button("Play", () => { player.load(take); player.play(); }),
-    button("Download", () => saveTake(take).catch((e) => showError("save-error", e))),
-    button("Delete", () => deleteTake(take))));
+    button("Download", () => download(take)));
+  if ("showSaveFilePicker" in window) {
+    buttons.append(button("Save as…", () => saveAs(take).catch((e) => showError("save-error", e))));
+  }
+  buttons.append(button("Delete", () => removeTakes([take])));
+  item.append(about, buttons);
   return item;
 }
 
-function deleteTake(take) {
-  ui.takes = ui.takes.filter((t) => t !== take);
-  if (player.take === take) { player.stop(); player.take = null; $("player").hidden = true; }
+/** Take results off the list and out of storage; Undo puts them back until the next removal. */
+function removeTakes(takes) {
+  if (takes.includes(player.take)) player.close();
+  ui.takes = ui.takes.filter((t) => !takes.includes(t));
+  ui.removed = takes;
+  shelf.remove(takes.map((t) => t.key)).catch(() => {});
+  $("removed-text").textContent = takes.length === 1 ? `Removed “${takes[0].title}”.`
+    : `Removed ${takes.length} results.`;
+  $("removed").hidden = false;
   renderResults();
 }
 
-async function saveTake(take) {
-  const stamp = new Date().toISOString().slice(0, 19).replace(/[:T]/g, "-");
+function undoRemove() {
+  ui.takes = [...ui.takes, ...ui.removed].sort((a, b) => b.created - a.created);
+  storeTakes(ui.removed);
+  ui.removed = [];
+  $("removed").hidden = true;
+  renderResults();
+}
+
+function fileName(take) {
+  const stamp = new Date(take.created).toISOString().slice(0, 19).replace(/[:T]/g, "-");
   const voice = take.voice.replace(/[^\w.-]+/g, "_").slice(0, 40);
-  const name = `pocket-tts-${voice}-${stamp}.${take.format}`;
-  if (window.showSaveFilePicker) {
-    let handle;
-    try {
-      handle = await window.showSaveFilePicker({ suggestedName: name,
-        types: [{ description: `${take.format.toUpperCase()} audio`,
-                  accept: { [MIME[take.format]]: [`.${take.format}`] } }] });
-    } catch (error) {
-      if (error.name === "AbortError") return;  // the user closed the dialog
-      throw error;
-    }
-    const writable = await handle.createWritable();
-    await writable.write(take.file);
-    await writable.close();
-    return;
-  }
-  const link = element("a", { href: URL.createObjectURL(take.file), download: name });
+  return `pocket-tts-${voice}-${stamp}.${take.format}`;
+}
+
+function download(take) {  // one click: the browser's downloads folder
+  const link = element("a", { href: URL.createObjectURL(take.file), download: fileName(take) });
   document.body.append(link);
   link.click();
   link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+
+async function saveAs(take) {  // the system's save dialog: a folder and a name
+  let handle;
+  try {
+    handle = await window.showSaveFilePicker({ suggestedName: fileName(take),
+      types: [{ description: `${take.format.toUpperCase()} audio`,
+                accept: { [MIME[take.format]]: [`.${take.format}`] } }] });
+  } catch (error) {
+    if (error.name === "AbortError") return;  // the user closed the dialog
+    throw error;
+  }
+  const writable = await handle.createWritable();
+  await writable.write(take.file);
+  await writable.close();
 }
 
 // ---- voices: the menu, previews, cloning (pick or drop anywhere), removal after a question -----
+/** "English model on CPU": what a person needs from /health (details in its tooltip). */
+function serverWords({ language = "english", device = "cpu" }) {
+  const name = language.charAt(0).toUpperCase() + language.slice(1);
+  return `${name} model on ${device.startsWith("cuda") ? "GPU" : device.toUpperCase()}`;
+}
+
 async function loadStatus() {
   const health = await (await api("/health")).json();
   ui.maxChars = health.max_input_chars || ui.maxChars;
@@ -5591,7 +5761,9 @@ async function loadStatus() {
   ui.auth = health.auth;
   $("key-change").hidden = !health.auth || !apiKey;
   if (health.auth && !apiKey) keys.ask();  // listings are open: ask before the first 401
-  $("status").textContent = `${health.model} · ${health.device}`;
+  $("status").textContent = serverWords(health);
+  $("status").title = `Model ${health.model}, ${health.precision ?? "float32"} on ` +
+    `${health.device}; ${health.voices} voices`;
   updateCounter();
 }
 
@@ -5607,37 +5779,40 @@ async function loadVoices(select) {
   }
   const groups = [["Your voices", (v) => v.origin === "upload"],
                   ["Voices folder", (v) => v.origin === "folder"],
-                  ["Built-in voices", (v) => v.kind === "builtin"],
-                  ["OpenAI names", (v) => v.kind === "openai"]];
+                  ["Built-in voices", (v) => v.kind === "builtin"]];
   for (const [label, belongs] of groups) {
     const entries = listing.data.filter(belongs);
     if (!entries.length) continue;
     const group = element("optgroup", { label });
-    for (const v of entries) {
-      const name = v.kind === "openai" ? `${v.id} → ${v.maps_to}` : v.id;
-      group.append(new Option(v.default ? `${name} (default)` : name, v.id));
-    }
+    for (const v of entries) group.append(new Option(v.default ? `${v.id} (default)` : v.id, v.id));
     voice.append(group);
   }
   const known = (id) => [...voice.options].some((o) => o.value === id);
   voice.value = known(current) && current ? current : known(listing.default) ? listing.default : "";
-  const inUse = new Set(listing.data.filter((v) => v.kind === "openai").map((v) => v.maps_to));
+  const aliases = listing.data.filter((v) => v.kind === "openai");  // API names, not voices
+  $("aliases").hidden = !aliases.length;
+  $("alias-list").textContent = aliases.map((v) => `${v.id} → ${v.maps_to}`).join(", ");
+  const inUse = new Set(aliases.map((v) => v.maps_to));
   renderVoices($("my-voices"), listing.data.filter((v) => v.origin === "upload"), inUse, true);
   const onServer = listing.data.filter((v) => v.origin === "folder" || v.kind === "builtin");
   renderVoices($("server-voices"), onServer, inUse, false);
+  markSelectedVoice();
 }
 
+/** A tile per voice: its name, a sample to play, Use, and Remove for your own. */
 function renderVoices(list, voices, inUse, removable) {
   list.replaceChildren(...voices.map((v) => {
-    const item = element("li", {}, element("span", { className: "grow", textContent: v.id }));
+    const item = element("li", {}, element("b", { className: "grow", textContent: v.id }));
+    item.dataset.voice = v.id;
     if (v.default) item.append(element("span", { className: "badge", textContent: "default" }));
     const button = (text, action) => rowButton(text, `${text} voice ${v.id}`, action);
-    const listen = button("Preview", () => preview(v.id, "voices-error"));
+    const listen = button("▶ Preview", () => preview(v.id, "voices-error"));
+    listen.setAttribute("aria-label", `Preview voice ${v.id}`);
     listen.dataset.preview = v.id;
     listen.disabled = Boolean(ui.job);
-    const use = () => { $("voice").value = v.id; $("text").focus(); };
-    const buttons = element("div", { className: "buttons" },
-                            listen, button("Use", use));
+    const use = button("Use", () => useVoice(v.id));
+    use.dataset.use = v.id;
+    const buttons = element("div", { className: "buttons" }, listen, use);
     if (removable && !v.default && !inUse.has(v.id)) {
       buttons.append(button("Remove", () => removeVoice(v.id)));
     }
@@ -5647,6 +5822,25 @@ function renderVoices(list, voices, inUse, removable) {
   if (!voices.length) {
     list.append(element("li", { className: "empty", textContent: removable
       ? "None yet: add a recording above." : "None." }));
+  }
+}
+
+function useVoice(id) {
+  $("voice").value = id;
+  markSelectedVoice();
+  $("voices-alert").textContent = `${id} will speak the next take.`;
+  $("text").focus();
+}
+
+/** The voice the menu has selected is marked in the Voices card, and its Use says so. */
+function markSelectedVoice() {
+  const chosen = $("voice").value || ui.defaultVoice;
+  for (const tile of document.querySelectorAll("#voices li[data-voice]")) {
+    const selected = tile.dataset.voice === chosen;
+    tile.classList.toggle("selected", selected);
+    const use = tile.querySelector("[data-use]");
+    use.textContent = selected ? "✓ Selected" : "Use";
+    use.setAttribute("aria-pressed", String(selected));
   }
 }
 
@@ -5788,6 +5982,7 @@ $("speed").addEventListener("input", () => {
   $("speed-out").textContent = Number($("speed").value).toFixed(2) + "×";
 });
 $("generate").addEventListener("click", generate);
+$("voice").addEventListener("change", markSelectedVoice);
 $("voice-preview").addEventListener("click", () => preview($("voice").value, "compose-error"));
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
@@ -5809,22 +6004,21 @@ $("wave").addEventListener("click", (event) => {
   const box = $("wave").getBoundingClientRect();
   if (player.take) player.seek(((event.clientX - box.left) / box.width) * player.take.duration);
 });
-$("clear-results").addEventListener("click", () => [...ui.takes].forEach(deleteTake));
+$("clear-results").addEventListener("click", () => removeTakes(ui.takes));
+$("undo-remove").addEventListener("click", undoRemove);
 $("clone-file").addEventListener("change", () => pickCloneFile($("clone-file").files[0]));
 $("clone-add").addEventListener("click", addVoice);
 $("key-form").addEventListener("submit", (event) => keys.submit(event));
 $("key-forget").addEventListener("click", () => keys.forget());
 $("key-change").addEventListener("click", () => keys.ask());
-$("key-cancel").addEventListener("click", () => {  // keep the saved key
-  $("key-card").hidden = true;
-  clearError("key-error");
-  updateCounter();
-});
+$("key-cancel").addEventListener("click", () => keys.close());  // the saved key stays
 wireDropAnywhere();
+connection.watch();
 
 $("text").value = PROMPTS.greeting;
 updateCounter();
 refresh();
+restoreTakes();
 </script>
 </body>
 </html>
