@@ -3169,7 +3169,8 @@ class TestRealModel:
             assert abs(duration(r.content) - self.library_seconds(real.model, text)) < 1e-3
 
     def test_sigterm_lets_running_streams_finish(self, real, tmp_path, tokenizer_path):
-        """Issue #9: SIGTERM used to cut streams mid-body; now they finish, then it exits."""
+        """Issue #9: SIGTERM used to cut streams mid-body; now they finish, then it exits.
+        Issue #21: the start-up log has no traceback and gives the URL a person can click."""
         port = free_port()
         command = server_command(real, tmp_path, tokenizer_path, port)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -3188,6 +3189,8 @@ class TestRealModel:
         finally:
             proc.kill()
         assert abs(duration(data) - self.library_seconds(real.model, text)) < 1e-3
+        log = proc.stdout.read().decode()
+        assert "Traceback" not in log and f" on {url}/ (device cpu" in log, log[-2000:]
 
     def test_sigterm_ends_a_server_started_with_sigint_ignored(self, real, tmp_path,
                                                                tokenizer_path):  # fmt: skip
