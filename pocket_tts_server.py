@@ -67,10 +67,10 @@ import uuid
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import av
 import av.filter
@@ -126,6 +126,10 @@ class Settings:
     wyoming_port: int = 0
     wyoming_host: str | None = None
     wyoming_zeroconf: bool = False
+    ws_port: int = 0
+    ws_host: str | None = None
+    ws_tls_cert: str | None = None
+    ws_tls_key: str | None = None
     log_level: str = "info"
 
 
@@ -173,6 +177,12 @@ FLAG_HELP = {
     "usual; 0: off)",
     "wyoming_host": "address for Wyoming (default: --host)",
     "wyoming_zeroconf": "announce the Wyoming service over mDNS, so Home Assistant discovers it",
+    "ws_port": "also serve voice agents' streaming-text WebSockets (Gradium's and ElevenLabs' "
+    "protocols, for Pipecat, LiveKit and their SDKs) on this TCP port (0: off)",
+    "ws_host": "address for the WebSockets (default: --host)",
+    "ws_tls_cert": "certificate (PEM) to serve the WebSockets as wss:// (the elevenlabs SDK "
+    "only speaks wss://); with --ws_tls_key",
+    "ws_tls_key": "private key (PEM) of --ws_tls_cert",
     "log_level": "logging level",
 }
 FLAG_CHOICES = {
@@ -3065,6 +3075,11 @@ FORMATS = {
         AudioFormat("pcm", "audio/pcm", None, None),
     )
 }
+# Formats of the voice-agent protocols only (telephony): raw G.711, no container.
+WIRE_FORMATS = FORMATS | {
+    "ulaw": AudioFormat("ulaw", "audio/basic", "mulaw", "pcm_mulaw"),
+    "alaw": AudioFormat("alaw", "audio/x-alaw-basic", "alaw", "pcm_alaw"),
+}
 
 
 def atempo_factors(speed: float) -> list[float]:
@@ -3149,21 +3164,42 @@ def pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+class Resampler:
+    """Float32 mono from one sample rate to another (FFmpeg's swresample through PyAV), fed and
+    drained chunk by chunk: the output keeps the input's duration within a sample."""
+
+    def __init__(self, rate_in: int, rate_out: int):
+        self.rate_in, self.samples_in = rate_in, 0
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=rate_out)
+
+    def process(self, samples: np.ndarray | None) -> np.ndarray:
+        """Push samples (None flushes) and return what is ready at the new rate."""
+        frame = None
+        if samples is not None:
+            frame = float_frame(samples, self.rate_in, self.samples_in)
+            self.samples_in += samples.size
+        out = [f.to_ndarray().reshape(-1) for f in self.resampler.resample(frame)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
 class AudioEncoder:
     """Float32 mono chunks in, bytes of one valid audio file out, incrementally.
 
     Streaming writes to a non-seekable sink, so headers are streamable (a WAV states placeholder
     sizes); otherwise the file is written to a seekable buffer and headers state real lengths.
-    `speed` != 1 runs the audio through a TempoFilter first.
+    `speed` != 1 runs the audio through a TempoFilter first; a `rate` other than the model's
+    through a Resampler (the voice-agent protocols ask for 8 to 48 kHz).
     """
 
-    def __init__(self, fmt: AudioFormat, sample_rate: int, speed: float = 1.0, streaming=True):
+    def __init__(self, fmt: AudioFormat, sample_rate: int, speed: float = 1.0, streaming=True,
+                 rate: int | None = None):  # fmt: skip
         self.fmt = fmt
-        self.sample_rate = sample_rate
+        self.sample_rate = rate or sample_rate  # what is written
         self.streaming = streaming
         self.samples_in = 0
         self.samples_out = 0
         self.tempo = TempoFilter(speed, sample_rate) if abs(speed - 1.0) > 1e-6 else None
+        self.resampler = Resampler(sample_rate, rate) if rate and rate != sample_rate else None
         self.buffer = bytearray()  # raw PCM of a non-streamed pcm response
         self.container = self.stream = None
         if fmt.container is not None:
@@ -3172,7 +3208,7 @@ class AudioEncoder:
                 self.sink, "w", format=fmt.container, options=dict(fmt.container_options)
             )
             self.stream = self.container.add_stream(
-                fmt.codec, rate=sample_rate, layout="mono", options=dict(fmt.codec_options)
+                fmt.codec, rate=self.sample_rate, layout="mono", options=dict(fmt.codec_options)
             )
             if fmt.bit_rate:
                 self.stream.codec_context.bit_rate = fmt.bit_rate
@@ -3182,11 +3218,15 @@ class AudioEncoder:
         self.samples_in += samples.size
         if self.tempo is not None:
             samples = self.tempo.process(samples)
+        if self.resampler is not None:
+            samples = self.resampler.process(samples)
         return self._write(samples)
 
     def finish(self) -> bytes:
         """Flush every stage and return the remaining bytes (the whole file when buffered)."""
         tail = self._write(self.tempo.process(None)) if self.tempo is not None else b""
+        if self.resampler is not None:
+            tail += self._write(self.resampler.process(None))
         if self.container is None:
             return tail + bytes(self.buffer)
         for packet in self.stream.encode(None):
@@ -3984,6 +4024,53 @@ class SpeechServer:
 
 
 # =================================================================================================
+# Other protocols: the Engine from an event loop
+# =================================================================================================
+# Wyoming and the voice-agent WebSockets run on asyncio; the Engine blocks. These two helpers are
+# what they share: a voice by name (errors as HTTP's ApiError, which each maps to its own wire
+# format), and audio chunks awaited one by one on the loop's thread pool.
+
+
+class ProtocolServerError(RuntimeError):
+    """A protocol's server (Wyoming, the voice-agent WebSockets) could not start."""
+
+
+def protocol_voice_state(server: SpeechServer, name: str | None):
+    """The state of a voice by name, the default also by its own name (listed so even when it
+    was given as a path). Raises ApiError (unknown voice, a file that does not decode)."""
+    default = server.voices.default
+    source = default if name == default.name else server.voice_source(name)
+    return server.load_voice(source, name)
+
+
+async def engine_audio(engine: Engine, script: list, state, stop: threading.Event, gone=None):
+    """A place in the Engine's queue (Busy, or ClientGone once `gone()`), then each chunk of
+    audio as it is made. However the caller ends (done, an error, cancelled), generation stops
+    and the place is freed; a thread inside the Engine is waited for, never abandoned."""
+    loop = asyncio.get_running_loop()
+    acquiring = loop.run_in_executor(None, engine.acquire, gone)
+    try:
+        release = await asyncio.shield(acquiring)
+    except asyncio.CancelledError:  # a place won after all is given back
+        acquiring.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()())
+        raise
+    audio, pending = engine.speak(script, state, stop), None
+    try:
+        while True:
+            pending = loop.run_in_executor(None, next, audio, None)
+            samples = await asyncio.shield(pending)
+            if samples is None:
+                return
+            yield samples
+    finally:
+        stop.set()
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+        await loop.run_in_executor(None, audio.close)
+        release()
+
+
+# =================================================================================================
 # Wyoming protocol (Home Assistant's voice pipelines), served beside HTTP by the same Engine
 # =================================================================================================
 
@@ -4198,9 +4285,7 @@ class WyomingSession:
         script = speech_script(text, server.language)
         speaks = any(isinstance(part, str) for part in script)
         try:  # the same resolution and loading as HTTP, errors as Wyoming `error` events
-            default = server.voices.default  # Wyoming lists it by name even when given as a path
-            source = default if voice == default.name else server.voice_source(voice)
-            load = functools.partial(server.load_voice, source, voice)
+            load = functools.partial(protocol_voice_state, server, voice)
             state = await loop.run_in_executor(None, load) if speaks else None
         except ApiError as exc:
             return await self.error(exc.message, exc.code)
@@ -4267,7 +4352,7 @@ def wyoming_service_info(port: int, host: str, name: str | None = None):
                        properties={"name": SERVER_NAME})  # fmt: skip
 
 
-class WyomingError(RuntimeError):
+class WyomingError(ProtocolServerError):
     """The Wyoming server could not start."""
 
 
@@ -4304,6 +4389,594 @@ def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = F
         "Wyoming on tcp://%s:%d%s", host, bound, " (announced over mDNS)" if zeroconf else ""
     )
     return bound
+
+
+# =================================================================================================
+# Voice agents: streamed text in over WebSocket (Gradium's and ElevenLabs' protocols)
+# =================================================================================================
+# Voice-agent frameworks (Pipecat, LiveKit Agents) stream an LLM's tokens into a TTS WebSocket
+# and play the audio that comes back at once, with word timings. This serves the protocols whose
+# clients they ship, so that those clients work with only their URL changed:
+#   Gradium      /api/speech/tts                               gradium SDK, Pipecat, LiveKit
+#   ElevenLabs   /v1/text-to-speech/{voice}/multi-stream-input Pipecat, LiveKit
+#                /v1/text-to-speech/{voice}/stream-input       the elevenlabs SDK
+# They run on the `websockets` library's asyncio server on --ws_port (waitress, the HTTP server,
+# has no WebSocket upgrade). Streamed text becomes a unit of speech at each sentence end, at a
+# flush, or (ElevenLabs without auto_mode) once its chunk schedule's characters have gathered;
+# each unit is spoken through the Engine as HTTP's requests are (voices, admission, batching).
+
+AGENT_SCHEDULE = (120, 160, 250, 290)  # ElevenLabs' default chunk_length_schedule (characters)
+WIRE_FORMAT = re.compile(r"(pcm|wav|mp3|opus|ulaw|alaw)(?:_(\d{4,5}))?(?:_(\d{2,3}))?")
+WIRE_RATES = {"opus": (8000, 12000, 16000, 24000, 48000), "ulaw": (8000,), "alaw": (8000,)}
+PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """An output format of the agent protocols (`pcm_16000`, `mp3_44100_128`, `ulaw_8000`)."""
+
+    name: str
+    fmt: AudioFormat
+    rate: int
+
+    def encoder(self, model_rate: int) -> AudioEncoder:
+        return AudioEncoder(self.fmt, model_rate, rate=self.rate)
+
+
+def wire_format(name, default_rate: int) -> WireFormat:
+    """Parse an output format; a bare codec (Gradium's `pcm`, `wav`) is at `default_rate`.
+    ValueError says what is possible."""
+    match = WIRE_FORMAT.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"Unknown output format {name!r}: use pcm_<rate> (8000 to 48000), "
+                         "mp3_<rate>_<kbps>, opus_48000, ulaw_8000, alaw_8000, pcm, wav or "
+                         "opus.")  # fmt: skip
+    codec, rate, kbps = match.group(1), int(match.group(2) or default_rate), match.group(3)
+    if codec in ("ulaw", "alaw") and match.group(2) is None:
+        rate = 8000
+    if rate not in WIRE_RATES.get(codec, PCM_RATES):
+        raise ValueError(f"Output format {name!r}: {codec} is not available at {rate} Hz.")
+    fmt = WIRE_FORMATS[codec]
+    if kbps:
+        fmt = replace(fmt, bit_rate=int(kbps) * 1000)
+    return WireFormat(name, fmt, rate)
+
+
+class TextTooLong(ValueError):
+    """A context's streamed text went past --max_input_chars."""
+
+
+class TextIn:
+    """A context's streamed text, cut into units to speak: at each sentence end, at a flush, and,
+    with a `schedule`, once schedule[n] characters have gathered without one (cut at a space)."""
+
+    def __init__(self, limit: int, schedule: tuple[int, ...] | None = None):
+        self.limit, self.schedule = limit, schedule
+        self.pending, self.received, self.units = "", 0, 0
+
+    def add(self, text: str) -> list[str]:
+        self.received += len(text)
+        if self.received > self.limit:
+            raise TextTooLong(f"The text is longer than {self.limit} characters.")
+        units, self.pending = split_finished(self.pending + text, len(self.pending))
+        if self.schedule:
+            wanted = self.schedule[min(self.units + len(units), len(self.schedule) - 1)]
+            cut = self.pending.rfind(" ", 0, len(self.pending) - 1)
+            if len(self.pending) >= wanted and cut > 0:
+                units.append(self.pending[:cut])
+                self.pending = self.pending[cut + 1 :]
+        self.units += len(units)
+        return units
+
+    def flush(self) -> list[str]:
+        rest, self.pending = self.pending, ""
+        self.units += bool(rest.strip())
+        return [rest] if rest.strip() else []
+
+
+def word_spans(text: str, start: float, stop: float) -> list[tuple[str, float, float]]:
+    """Each word of a unit with its start and stop in seconds, estimated: the unit's time (exact:
+    it is the audio we made) shared out by characters, a word's letters and the space after it.
+    So they rise monotonically, cover every word once and end where the unit's audio ends."""
+    words = text.split()
+    total, at, spans = sum(len(w) + 1 for w in words), start, []
+    for word in words:
+        end = at + (stop - start) * (len(word) + 1) / total
+        spans.append((word, round(at, 3), round(end, 3)))
+        at = end
+    return spans
+
+
+def char_alignment(text: str, seconds: float) -> dict[str, list]:
+    """ElevenLabs' alignment of a unit: each character with its start and duration in ms from the
+    unit's start, the unit's time shared out evenly by character (as `word_spans` does)."""
+    step = seconds * 1000 / max(1, len(text))
+    starts = [round(i * step) for i in range(len(text))]
+    ends = starts[1:] + [round(seconds * 1000)]
+    return {"chars": list(text), "charStartTimesMs": starts,
+            "charDurationsMs": [e - s for s, e in zip(starts, ends, strict=True)]}  # fmt: skip
+
+
+class ContextFailed(Exception):
+    """A unit could not be spoken: the message and code for the client."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class SpeechContext:
+    """One stream of text in and audio out (a Gradium request, an ElevenLabs context).
+
+    Units are spoken in order by one task, into one encoder, on one clock (samples sent). The
+    protocol session is the `listener`: `audio(ctx, bytes)`, `spoken(ctx, unit, start, stop)`
+    after each unit, `flushed(ctx)` when a flush's audio is out, `finished(ctx)` at the end and
+    `failed(ctx, ContextFailed)`. `close` drops the text not yet flushed (the unit speaking now
+    too, if it was not flushed); flushed text is still spoken in full, as the clients expect.
+    """
+
+    def __init__(self, server: SpeechServer, key, state, wire: WireFormat, listener,
+                 schedule: tuple[int, ...] | None = None):  # fmt: skip
+        self.server, self.key, self.state, self.listener = server, key, state, listener
+        self.text = TextIn(server.settings.max_input_chars, schedule)
+        self.rate = server.engine.sample_rate
+        self.encoder = wire.encoder(self.rate)
+        self.queue: asyncio.Queue = asyncio.Queue()  # (kind, text, index); None ends
+        self.samples = 0  # at the model's rate, spoken so far: the clock of the timings
+        self.queued = self.flushed = 0  # units queued; those before `flushed` are kept on close
+        self.speaking: tuple[int, threading.Event] | None = None
+        self.closing = self.ended = False
+        self.task = asyncio.create_task(self.run())
+
+    # -- what the protocol calls ----------------------------------------------------------------
+
+    def add(self, text: str):
+        for unit in self.text.add(text):
+            self._queue("unit", unit)
+
+    def flush(self):
+        for unit in self.text.flush():
+            self._queue("unit", unit)
+        self.flushed = self.queued
+        self.queue.put_nowait(("flush", "", self.queued))
+
+    def close(self):
+        """Stop what was not flushed (within a step), speak what was, then finish."""
+        self.text.pending, self.closing = "", True
+        if self.speaking and self.speaking[0] >= self.flushed:
+            self.speaking[1].set()
+        self.end(flush=False)
+
+    def end(self, flush: bool = True):
+        """Everything sent is spoken, then the context finishes."""
+        if flush:
+            self.flush()
+        if not self.ended:
+            self.ended = True
+            self.queue.put_nowait(None)
+
+    def cancel(self):
+        """The client left: stop at once."""
+        if self.speaking:
+            self.speaking[1].set()
+        self.task.cancel()
+
+    def _queue(self, kind: str, text: str):
+        self.queue.put_nowait((kind, text, self.queued))
+        self.queued += 1
+
+    # -- the task -------------------------------------------------------------------------------
+
+    async def run(self):
+        try:
+            while (item := await self.queue.get()) is not None:
+                kind, text, index = item
+                if kind == "flush":
+                    await self.listener.flushed(self)
+                elif not (self.closing and index >= self.flushed):
+                    await self.speak(text, index)
+            tail = self.encoder.finish()
+            if tail:
+                await self.listener.audio(self, tail)
+            await self.listener.finished(self)
+        except ContextFailed as exc:
+            await self.listener.failed(self, exc)
+        finally:
+            self.encoder.close()
+
+    async def speak(self, unit: str, index: int):
+        """One unit through the Engine: its audio as it is made, then its timings."""
+        server, loop = self.server, asyncio.get_running_loop()
+        script, start = speech_script(unit, server.language), self.samples
+        stop = threading.Event()
+        self.speaking = (index, stop)
+        timer = loop.call_later(server.settings.request_timeout, stop.set)
+        try:
+            async with contextlib.aclosing(engine_audio(server.engine, script, self.state,
+                                                        stop)) as audio:  # fmt: skip
+                async for samples in audio:
+                    self.samples += samples.size
+                    data = self.encoder.encode(samples)
+                    if data:
+                        await self.listener.audio(self, data)
+        except (Busy, ClientGone) as exc:
+            raise ContextFailed(str(exc) or "The server is busy: retry later.", "busy") from None
+        except GenerationFailed:
+            logger.exception("synthesis failed")
+            message = "The model failed on this text and voice."
+            raise ContextFailed(message, "synthesis_failed") from None
+        finally:
+            timer.cancel()
+            self.speaking = None
+        spoken = " ".join(p for p in script if isinstance(p, str))
+        await self.listener.spoken(self, unit, spoken, start / self.rate, self.samples / self.rate)
+
+
+class AgentSession:
+    """What both protocols share: the socket, its contexts, bounded sends, and errors."""
+
+    default_rate = 48000
+
+    def __init__(self, server: SpeechServer, ws, query: dict[str, str]):
+        self.server, self.ws, self.query = server, ws, query
+        self.contexts: dict[Any, SpeechContext] = {}
+
+    async def send(self, message: dict):
+        """One JSON message; a client that stops reading is closed after --idle_timeout."""
+        try:
+            await asyncio.wait_for(self.ws.send(json.dumps(message)),
+                                   self.server.settings.idle_timeout)  # fmt: skip
+        except asyncio.TimeoutError:
+            logger.warning("a WebSocket client stopped reading: its connection is closed")
+            await self.ws.close(1008, "the client stopped reading")
+
+    async def open_context(self, key, voice: str | None, wire: WireFormat, schedule=None):
+        """A context with its voice loaded; ApiError (unknown voice...) is the caller's to tell."""
+        loop = asyncio.get_running_loop()
+        load = functools.partial(protocol_voice_state, self.server, voice)
+        state = await loop.run_in_executor(None, load)
+        context = SpeechContext(self.server, key, state, wire, self, schedule)
+        self.contexts[key] = context
+        return context
+
+    def busy(self) -> bool:
+        return bool(self.contexts)
+
+    def cancel(self):
+        """The socket is gone: every context stops now and frees its place."""
+        for context in self.contexts.values():
+            context.cancel()
+        self.contexts.clear()
+
+    async def handle(self, message: dict):
+        raise NotImplementedError
+
+    async def error(self, message: str, code: str, key=None):
+        raise NotImplementedError
+
+
+class GradiumSession(AgentSession):
+    """Gradium's TTS protocol: `setup` → `ready`; `text`; `flush` → `flushed`; `end_of_stream` →
+    the rest of the audio, `end_of_stream`, and the socket closed (unless the setup said
+    `close_ws_on_eos: false`). Several requests share a socket when each setup names a
+    `client_req_id` (Pipecat's way); every answer echoes it. Audio is base64 in `audio`
+    messages, word timings are `text` messages with `start_s` / `stop_s`."""
+
+    CODES = {"busy": 1013, "synthesis_failed": 1011}  # else 1008, a policy violation
+
+    def __init__(self, server, ws, query):
+        super().__init__(server, ws, query)
+        self.close_on_eos = True
+
+    async def handle(self, message: dict):
+        kind, key = message.get("type"), message.get("client_req_id")
+        if kind == "setup":
+            await self.setup(message, key)
+            return
+        context = self.contexts.get(key)
+        if context is None:
+            await self.error(
+                "Send a setup message first (for this client_req_id).", "no_setup", key
+            )
+            return
+        if kind == "text":
+            try:
+                context.add(str(message.get("text", "")))
+            except TextTooLong as exc:
+                await self.error(str(exc), "too_long", key)
+        elif kind == "flush":
+            context.flush()
+        elif kind == "end_of_stream":
+            context.end()
+        else:
+            await self.error(f"Unknown message type {kind!r}.", "bad_message", key)
+
+    async def setup(self, message: dict, key):
+        if key in self.contexts:
+            await self.error("This request was set up already.", "bad_message", key)
+            return
+        try:
+            wire = wire_format(message.get("output_format", "pcm"), self.default_rate)
+            voice = message.get("voice_id") or message.get("voice")
+            await self.open_context(key, voice if isinstance(voice, str) else None, wire)
+        except ValueError as exc:
+            await self.error(str(exc), "bad_setup", key)
+            return
+        except ApiError as exc:
+            await self.error(exc.message, exc.code or "bad_setup", key)
+            return
+        if message.get("close_ws_on_eos") is False:
+            self.close_on_eos = False
+        await self.send(self.tagged({"type": "ready", "request_id": str(uuid.uuid4()),
+                                     "sample_rate": wire.rate}, key))  # fmt: skip
+
+    @staticmethod
+    def tagged(message: dict, key) -> dict:
+        return message if key is None else message | {"client_req_id": key}
+
+    async def audio(self, context, data: bytes):
+        message = {"type": "audio", "audio": base64.b64encode(data).decode()}
+        await self.send(self.tagged(message, context.key))
+
+    async def spoken(self, context, unit: str, spoken: str, start: float, stop: float):
+        for word, begin, end in word_spans(unit, start, stop):
+            message = {"type": "text", "text": word, "start_s": begin, "stop_s": end}
+            await self.send(self.tagged(message, context.key))
+
+    async def flushed(self, context):
+        await self.send(self.tagged({"type": "flushed"}, context.key))
+
+    async def finished(self, context):
+        self.contexts.pop(context.key, None)
+        await self.send(self.tagged({"type": "end_of_stream"}, context.key))
+        if self.close_on_eos and not self.contexts:
+            await self.ws.close(1000, "end of stream")
+
+    async def failed(self, context, exc: ContextFailed):
+        self.contexts.pop(context.key, None)
+        await self.error(str(exc), exc.code, context.key)
+
+    async def error(self, message: str, code: str, key=None):
+        """Gradium's error message, then the socket is closed with its code (as Gradium does)."""
+        number = self.CODES.get(code, 1008)
+        await self.send(self.tagged({"type": "error", "message": message, "code": number}, key))
+        await self.ws.close(number, code)
+
+
+class ElevenLabsSession(AgentSession):
+    """ElevenLabs' `multi-stream-input` (contexts named by `context_id`) and `stream-input` (one
+    context; `{"text": ""}` ends it). Text, `flush`, `close_context`, `close_socket`; answers are
+    `audio` (base64) with `contextId`, an `alignment` / `normalizedAlignment` message after each
+    unit (character times from the unit's start, as ElevenLabs' restart in every message), and
+    `isFinal`. The voice and `output_format` come from the URL."""
+
+    default_rate = 44100
+
+    def __init__(self, server, ws, query, voice: str, multi: bool):
+        super().__init__(server, ws, query)
+        self.voice, self.multi, self.closing = voice, multi, False
+        self.wire = wire_format(query.get("output_format", "mp3_44100_128"), self.default_rate)
+        self.auto = query.get("auto_mode", "false").lower() == "true"
+
+    async def handle(self, message: dict):
+        if message.get("close_socket"):
+            await self.close_socket()
+            return
+        key = (message.get("context_id") or message.get("contextId")) if self.multi else ""
+        text = message.get("text")
+        if key is None:  # multi-stream: a keep-alive ({"text": ""}) names no context
+            if (isinstance(text, str) and text.strip()) or message.get("flush"):
+                key = "default"
+            else:
+                return
+        context = self.contexts.get(key) or await self.open(key, message)
+        if context is None:
+            return
+        if isinstance(text, str):
+            if text == "" and not self.multi:  # stream-input: the end of the text
+                context.end()
+                return
+            try:
+                context.add(text)
+            except TextTooLong as exc:
+                await self.error(str(exc), "too_long", key)
+                return
+        if message.get("flush"):
+            context.flush()
+        if message.get("close_context"):
+            context.close()
+
+    async def open(self, key, message: dict) -> SpeechContext | None:
+        if message.get("close_context"):  # closing what is not open (any more): nothing to do
+            return None
+        schedule = None
+        if not self.auto:
+            wanted = (message.get("generation_config") or {}).get("chunk_length_schedule")
+            ok = isinstance(wanted, list) and wanted and all(isinstance(n, int) for n in wanted)
+            schedule = tuple(max(1, n) for n in wanted) if ok else AGENT_SCHEDULE
+        try:
+            return await self.open_context(key, self.voice, self.wire, schedule)
+        except ApiError as exc:
+            await self.error(exc.message, exc.code or "invalid_request", key)
+            return None
+
+    async def close_socket(self):
+        """Every context finishes what was flushed; then the socket closes."""
+        self.closing = True
+        for context in list(self.contexts.values()):
+            context.close()
+        if not self.contexts:
+            await self.ws.close(1000, "close_socket")
+
+    def tagged(self, message: dict, key) -> dict:
+        return message | {"contextId": key} if self.multi else message
+
+    async def audio(self, context, data: bytes):
+        message = {"audio": base64.b64encode(data).decode(), "isFinal": None,
+                   "alignment": None, "normalizedAlignment": None}  # fmt: skip
+        await self.send(self.tagged(message, context.key))
+
+    async def spoken(self, context, unit: str, spoken: str, start: float, stop: float):
+        seconds, align = stop - start, char_alignment
+        message = {"audio": None, "isFinal": None,
+                   "alignment": align(unit.strip() + " ", seconds),
+                   "normalizedAlignment": align(spoken.strip() + " ", seconds)}  # fmt: skip
+        await self.send(self.tagged(message, context.key))
+
+    async def flushed(self, context):
+        pass  # ElevenLabs does not answer a flush
+
+    async def finished(self, context):
+        self.contexts.pop(context.key, None)
+        await self.send(self.tagged({"isFinal": True}, context.key))
+        if not self.multi or (self.closing and not self.contexts):
+            await self.ws.close(1000, "done")
+
+    async def failed(self, context, exc: ContextFailed):
+        self.contexts.pop(context.key, None)
+        await self.error(str(exc), exc.code, context.key)
+
+    async def error(self, message: str, code: str, key=None):
+        """ElevenLabs' error message; a single-context socket is closed after it."""
+        await self.send(self.tagged({"error": code, "message": message}, key))
+        if not self.multi:
+            await self.ws.close(1008 if code != "busy" else 1013, code)
+
+
+AGENT_ROUTES = (
+    (re.compile(r"/api/speech/tts"), None),
+    (re.compile(r"/v1/text-to-speech/([^/]{1,200})/multi-stream-input"), True),
+    (re.compile(r"/v1/text-to-speech/([^/]{1,200})/stream-input"), False),
+)
+
+
+def agent_route(path: str):
+    """(voice, multi) for an ElevenLabs path, (None, None) for Gradium's; None if unknown."""
+    for pattern, multi in AGENT_ROUTES:
+        if match := pattern.fullmatch(path):
+            voice = unquote(match.group(1)) if match.groups() else None
+            return voice, multi
+    return None
+
+
+def agent_key_ok(headers, key: str | None) -> bool:
+    """The API key as each client sends it: xi-api-key (ElevenLabs), x-api-key (Gradium), or
+    Authorization: Bearer."""
+    if not key:
+        return True
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    given = [headers.get("xi-api-key"), headers.get("x-api-key"),
+             token if scheme.lower() == "bearer" else None]  # fmt: skip
+    return any(g and hmac.compare_digest(g.strip().encode(), key.encode()) for g in given)
+
+
+class AgentServer:
+    """The voice-agent WebSocket server on its own event loop thread; `close` stops both.
+
+    Bounded as HTTP is: at most --max_connections sockets, messages of --max_body_kb, idle
+    sockets closed after --idle_timeout (ElevenLabs' `inactivity_timeout`, up to 300 s, when a
+    client asks for longer)."""
+
+    def __init__(self, server: SpeechServer, host: str, port: int, tls=None):
+        self.server, self.sessions = server, set()
+        self.limit = server.settings.max_body_kb * 1024
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(64, "websocket"))
+        self.thread = threading.Thread(target=self.loop.run_forever, name="websocket", daemon=True)
+        self.thread.start()
+        try:
+            future = asyncio.run_coroutine_threadsafe(self.start(host, port, tls), self.loop)
+            self.ws_server = future.result(timeout=10)
+        except (OSError, concurrent.futures.TimeoutError) as exc:
+            self.stop_loop()
+            message = f"the WebSocket port {host}:{port} cannot be opened ({exc})."
+            raise ProtocolServerError(message) from None
+        self.port = next(iter(self.ws_server.sockets)).getsockname()[1]
+        scheme = "wss" if tls else "ws"
+        logger.info("voice agents (Gradium, ElevenLabs) on %s://%s:%s/", scheme, host, self.port)
+
+    async def start(self, host: str, port: int, tls):
+        from websockets.asyncio.server import serve
+
+        return await serve(self.connection, host, port, ssl=tls, max_size=4 * self.limit,
+                           process_request=self.check, server_header=None)  # fmt: skip
+
+    def check(self, connection, request):
+        """Before the upgrade: a known path, the API key, a free connection."""
+        if agent_route(urlsplit(request.path).path) is None:
+            return connection.respond(404, "Unknown path: use /api/speech/tts (Gradium) or /v1/"
+                                      "text-to-speech/<voice>/multi-stream-input.\n")  # fmt: skip
+        if not agent_key_ok(request.headers, self.server.settings.api_key):
+            return connection.respond(401, "Incorrect or missing API key (send xi-api-key, "
+                                      "x-api-key or Authorization: Bearer).\n")  # fmt: skip
+        if len(self.sessions) >= self.server.settings.max_connections:
+            return connection.respond(503, "Too many connections: retry later.\n")
+        return None
+
+    async def connection(self, ws):
+        """One socket: messages in, each handled by its protocol's session, until it closes."""
+        from websockets.exceptions import ConnectionClosed
+
+        parts = urlsplit(ws.request.path)
+        query = dict(parse_qsl(parts.query))
+        voice, multi = agent_route(parts.path)
+        idle = float(self.server.settings.idle_timeout)
+        if multi is None:
+            session = GradiumSession(self.server, ws, query)
+        else:
+            try:
+                session = ElevenLabsSession(self.server, ws, query, voice, multi)
+            except ValueError as exc:
+                await ws.send(json.dumps({"error": "invalid_output_format", "message": str(exc)}))
+                return await ws.close(1008, "invalid output_format")
+            with contextlib.suppress(ValueError):
+                idle = max(idle, min(300.0, float(query.get("inactivity_timeout", 0))))
+        self.sessions.add(session)
+        try:
+            while True:
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), idle)
+                except asyncio.TimeoutError:
+                    if session.busy():
+                        continue
+                    return await ws.close(1000, "idle")
+                message = await self.parse(session, raw)
+                if message is not None:
+                    await session.handle(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.sessions.discard(session)
+            session.cancel()
+
+    async def parse(self, session: AgentSession, raw) -> dict | None:
+        """A client message as a JSON object, or the protocol's error."""
+        if len(raw) > self.limit:
+            await session.error(f"A message may hold at most {self.limit} bytes.", "too_large")
+            await session.ws.close(1009, "message too big")
+            return None
+        try:
+            message = json.loads(raw)
+            if isinstance(message, dict):
+                return message
+        except (ValueError, RecursionError):
+            pass
+        await session.error("Send each message as one JSON object.", "bad_message")
+        return None
+
+    async def stop(self):
+        self.ws_server.close()
+        await self.ws_server.wait_closed()
+
+    def stop_loop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    def close(self):
+        """Close the listening socket and every connection, then stop the loop's thread."""
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.stop(), self.loop).result(timeout=10)
+        self.stop_loop()
 
 
 # =================================================================================================
@@ -4411,16 +5084,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, VoiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    http = http_server(server.app, settings)
-    if settings.wyoming_port:
-        host = settings.wyoming_host or settings.host
-        try:
+    http, agents = http_server(server.app, settings), None
+    try:
+        if settings.wyoming_port:
+            host = settings.wyoming_host or settings.host
             start_wyoming(server, host, settings.wyoming_port, settings.wyoming_zeroconf)
-        except WyomingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            http.close()
-            server.engine.close()
-            return 2
+        if settings.ws_port:
+            host = settings.ws_host or settings.host
+            agents = AgentServer(server, host, settings.ws_port, agent_tls(settings))
+    except ProtocolServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        http.close()
+        server.engine.close()
+        return 2
     logger.info(
         "serving %s on http://%s:%s/ (device %s, streaming by default: %s)",
         settings.model_path,
@@ -4433,8 +5109,26 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         http.run()
     http.close()
+    if agents is not None:
+        agents.close()
     server.engine.close()
     return 0
+
+
+def agent_tls(settings: Settings):
+    """The TLS context of --ws_tls_cert / --ws_tls_key, or None (plain ws://)."""
+    if not (settings.ws_tls_cert or settings.ws_tls_key):
+        return None
+    import ssl
+
+    if not (settings.ws_tls_cert and settings.ws_tls_key):
+        raise ProtocolServerError("--ws_tls_cert and --ws_tls_key go together.")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.ws_tls_cert, settings.ws_tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ProtocolServerError(f"--ws_tls_cert / --ws_tls_key: {exc}") from None
+    return context
 
 
 class JsonErrorTask(ErrorTask):

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import gc
 import io
+import itertools
 import json
 import logging
 import os
@@ -4445,6 +4446,126 @@ class TestWyoming:
             first, pending = srv.split_finished(text[:cut])
             more, rest_after = srv.split_finished(pending + text[cut:], len(pending))
             assert ([*first, *more], rest_after) == (finished, rest)
+
+
+# =================================================================================================
+# Voice agents: streaming text in over WebSocket (Gradium's and ElevenLabs' protocols)
+# =================================================================================================
+
+
+@pytest.fixture(scope="module")
+def agents(real):
+    """The voice-agent WebSocket server (--ws_port) on the real model, as main() starts it."""
+    server = srv.AgentServer(real.server, "127.0.0.1", 0)
+    yield SimpleNamespace(url=f"ws://127.0.0.1:{server.port}", http=f"http://127.0.0.1:{server.port}",
+                          server=server, real=real)  # fmt: skip
+    server.close()
+
+
+def agent_seconds(model, units: list[str]) -> float:
+    """What the Engine makes of each unit, spoken one after the other (EOS off)."""
+    return sum(TestRealModel.library_seconds(model, unit) for unit in units)
+
+
+async def ws_messages(ws) -> list:
+    """Every JSON message until the server closes the socket."""
+    from websockets.exceptions import ConnectionClosed
+
+    out = []
+    with contextlib.suppress(ConnectionClosed):
+        async for raw in ws:
+            out.append(json.loads(raw))
+    return out
+
+
+def pcm16_seconds(chunks: list[bytes], rate: int) -> float:
+    return sum(len(c) for c in chunks) / 2 / rate
+
+
+class TestAgentText:
+    """How streamed text becomes units of speech, and how their words are timed."""
+
+    def test_units_at_sentence_ends_flushes_and_the_chunk_schedule(self):
+        text = srv.TextIn(1000)
+        assert text.add("Hello wor") == [] and text.add("ld. How are") == ["Hello world."]
+        assert text.flush() == ["How are"] and text.flush() == []
+        scheduled = srv.TextIn(1000, (10, 20))
+        assert scheduled.add("one two three four") == ["one two three"]  # cut at a space
+        assert scheduled.add(" five six seven eight") == ["four five six seven"]
+        with pytest.raises(srv.TextTooLong):
+            srv.TextIn(5).add("Hello world.")
+
+    @settings(max_examples=60, deadline=None)
+    @given(words=st.lists(st.text("abcdefghij.,!?'", min_size=1, max_size=12), min_size=1,
+                          max_size=40), start=st.floats(0, 100), length=st.floats(0.08, 30))  # fmt: skip
+    def test_word_timings_rise_cover_every_word_once_and_end_with_the_audio(
+        self, words, start, length
+    ):
+        spans = srv.word_spans(" ".join(words), start, start + length)
+        assert [w for w, _, _ in spans] == " ".join(words).split()
+        assert all(a <= b for _, a, b in spans)
+        assert all(spans[i][2] == pytest.approx(spans[i + 1][1], abs=1e-3)
+                   for i in range(len(spans) - 1))  # fmt: skip
+        assert spans[0][1] == pytest.approx(start, abs=1e-3)
+        assert spans[-1][2] == pytest.approx(start + length, abs=1e-3)
+        align = srv.char_alignment(" ".join(words) + " ", length)
+        ends = [
+            s + d for s, d in zip(align["charStartTimesMs"], align["charDurationsMs"], strict=True)
+        ]
+        assert (
+            len(align["chars"]) == len(" ".join(words)) + 1 and min(align["charDurationsMs"]) >= 0
+        )
+        assert ends[-1] == round(length * 1000) and align["charStartTimesMs"] == sorted(
+            align["charStartTimesMs"]
+        )
+
+    @pytest.mark.parametrize(
+        "name,codec,rate",
+        [("pcm", "pcm", 48000), ("pcm_16000", "pcm", 16000), ("mp3_22050_32", "mp3", 22050),
+         ("mp3_44100_128", "mp3", 44100), ("ulaw_8000", "ulaw", 8000), ("opus", "opus", 48000),
+         ("wav", "wav", 48000)],
+    )  # fmt: skip
+    def test_output_formats(self, name, codec, rate):
+        wire = srv.wire_format(name, 48000)
+        assert (wire.fmt.name, wire.rate) == (codec, rate)
+        for bad in ("pcm_12345", "opus_44100", "flac_8000", "ulaw_16000", None, 3):
+            with pytest.raises(ValueError):
+                srv.wire_format(bad, 48000)
+
+
+class TestGradiumProtocol:
+    """Gradium's TTS WebSocket (gradium-ai/gradium-py docs/websocket_tts_description.md)."""
+
+    def test_setup_ready_text_timings_end_of_stream(self, agents):
+        """Text streamed in pieces; each sentence's audio leaves before the end is sent, at
+        48 kHz; its words are timed; end_of_stream is echoed, then the socket closes (1000)."""
+        from websockets.asyncio.client import connect
+
+        units = ["Hello world.", "This is a test of streamed text."]
+
+        async def run():
+            async with connect(f"{agents.url}/api/speech/tts") as ws:
+                await ws.send(json.dumps({"type": "setup", "model_name": "default",
+                                          "voice_id": "ref", "output_format": "pcm"}))  # fmt: skip
+                ready = json.loads(await ws.recv())
+                for piece in ["Hello ", "world. This is a ", "test of streamed text."]:
+                    await ws.send(json.dumps({"type": "text", "text": piece}))
+                first = json.loads(await ws.recv())  # the first sentence speaks already
+                await ws.send(json.dumps({"type": "end_of_stream"}))
+                rest = await ws_messages(ws)
+                return ready, [first, *rest], ws.close_code
+
+        ready, messages, code = asyncio.run(run())
+        assert ready["type"] == "ready" and ready["sample_rate"] == 48000 and ready["request_id"]
+        assert messages[0]["type"] == "audio" and messages[-1] == {"type": "end_of_stream"}
+        assert code == 1000
+        audio = [base64.b64decode(m["audio"]) for m in messages if m["type"] == "audio"]
+        want = agent_seconds(agents.real.model, units)
+        assert abs(pcm16_seconds(audio, 48000) - want) < 1e-3
+        words = [m for m in messages if m["type"] == "text"]
+        assert [w["text"] for w in words] == " ".join(units).split()
+        assert all(a["stop_s"] <= b["start_s"] + 1e-3 for a, b in itertools.pairwise(words))
+        assert abs(words[-1]["stop_s"] - want) < 1 / 12.5  # within one frame of the audio's end
 
 
 # =================================================================================================
