@@ -4446,9 +4446,17 @@ class TextTooLong(ValueError):
     """A context's streamed text went past --max_input_chars."""
 
 
+SENTENCE_AT_END = re.compile(r"[^\W\d_][.!?…]+[\"')\]]*\Z")  # "world." ends it; "3." may not
+
+
 class TextIn:
     """A context's streamed text, cut into units to speak: at each sentence end, at a flush, and,
-    with a `schedule`, once schedule[n] characters have gathered without one (cut at a space)."""
+    with a `schedule`, once schedule[n] characters have gathered without one (cut at a space).
+
+    A message that ends a sentence ends a unit at once: Pipecat sends whole sentences with no
+    space after them ("Hello world.", then "How are you?"), and its next sentence may be seconds
+    away. A word ending with a digit and a point ("3.") waits: "14" may follow.
+    """
 
     def __init__(self, limit: int, schedule: tuple[int, ...] | None = None):
         self.limit, self.schedule = limit, schedule
@@ -4459,7 +4467,10 @@ class TextIn:
         if self.received > self.limit:
             raise TextTooLong(f"The text is longer than {self.limit} characters.")
         units, self.pending = split_finished(self.pending + text, len(self.pending))
-        if self.schedule:
+        if SENTENCE_AT_END.search(self.pending):
+            units.append(self.pending)
+            self.pending = ""
+        elif self.schedule:
             wanted = self.schedule[min(self.units + len(units), len(self.schedule) - 1)]
             cut = self.pending.rfind(" ", 0, len(self.pending) - 1)
             if len(self.pending) >= wanted and cut > 0:

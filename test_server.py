@@ -4489,6 +4489,8 @@ class TestAgentText:
         text = srv.TextIn(1000)
         assert text.add("Hello wor") == [] and text.add("ld. How are") == ["Hello world."]
         assert text.flush() == ["How are"] and text.flush() == []
+        assert text.add("Pi is 3.") == [] and text.add("14. Yes") == ["Pi is 3.14."]
+        assert text.add(" indeed.") == ["Yes indeed."]  # Pipecat: a sentence, no space after
         scheduled = srv.TextIn(1000, (10, 20))
         assert scheduled.add("one two three four") == ["one two three"]  # cut at a space
         assert scheduled.add(" five six seven eight") == ["four five six seven"]
@@ -4566,6 +4568,144 @@ class TestGradiumProtocol:
         assert [w["text"] for w in words] == " ".join(units).split()
         assert all(a["stop_s"] <= b["start_s"] + 1e-3 for a, b in itertools.pairwise(words))
         assert abs(words[-1]["stop_s"] - want) < 1 / 12.5  # within one frame of the audio's end
+
+
+def pipecat_run(service, frames: list, sample_rate: int = 24000) -> list:
+    """Run a Pipecat pipeline [service, collector] on `frames`; return the audio frames."""
+    from pipecat.frames.frames import EndFrame, TTSAudioRawFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.runner import PipelineRunner
+    from pipecat.pipeline.task import PipelineParams, PipelineTask
+    from pipecat.processors.frame_processor import FrameProcessor
+
+    class Collect(FrameProcessor):
+        def __init__(self):
+            super().__init__()
+            self.audio = []
+
+        async def process_frame(self, frame, direction):
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSAudioRawFrame):
+                self.audio.append(frame)
+            await self.push_frame(frame, direction)
+
+    async def run():
+        collect = Collect()
+        task = PipelineTask(Pipeline([service, collect]),
+                            params=PipelineParams(audio_out_sample_rate=sample_rate))  # fmt: skip
+        await task.queue_frames([*frames, EndFrame()])
+        await asyncio.wait_for(PipelineRunner(handle_sigint=False).run(task), 120)
+        return collect.audio
+
+    return asyncio.run(run())
+
+
+def llm_reply(text: str) -> list:
+    """An LLM's streamed reply as Pipecat frames: the words as tokens, in order."""
+    from pipecat.frames.frames import (
+        LLMFullResponseEndFrame,
+        LLMFullResponseStartFrame,
+        LLMTextFrame,
+    )
+
+    tokens = [w + " " for w in text.split()]
+    return [LLMFullResponseStartFrame(), *map(LLMTextFrame, tokens), LLMFullResponseEndFrame()]
+
+
+def livekit_stream(tts_factory, text: str) -> tuple[bytes, int, list]:
+    """LiveKit's streaming API: a word at a time into `stream()`; the audio and its rate, and the
+    timed words the plugin reported."""
+    import aiohttp
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            tts = tts_factory(session)
+            stream = tts.stream()
+            for word in text.split():
+                stream.push_text(word + " ")
+            stream.end_input()
+            frames = [event.frame async for event in stream]
+            await stream.aclose()
+            await tts.aclose()
+        audio = b"".join(bytes(f.data) for f in frames)
+        return audio, frames[0].sample_rate, frames
+
+    return asyncio.run(asyncio.wait_for(run(), 120))
+
+
+class TestAgentClients:
+    """The voice-agent clients as their users run them, with only their URL changed."""
+
+    UNITS = ["Hello world.", "This is a test of streamed text."]
+
+    def want(self, agents) -> float:
+        return agent_seconds(agents.real.model, self.UNITS)
+
+    def test_gradium_sdk(self, agents):
+        """gradium-py gradium/client.py GradiumClient(base_url=...).tts: setup, every text
+        message and end_of_stream sent without waiting for `ready`; it returns when the server
+        closes the socket (any close but 1000 is an error there)."""
+        import gradium
+
+        async def run():
+            client = gradium.client.GradiumClient(base_url=f"{agents.http}/api/", api_key="k")
+            setup = {"model_name": "default", "voice_id": "ref", "output_format": "pcm"}
+            return await client.tts(
+                setup, ["Hello ", "world. This is a ", "test of streamed text."]
+            )
+
+        result = asyncio.run(asyncio.wait_for(run(), 120))
+        assert result.sample_rate == 48000
+        assert abs(result.pcm16().size / 48000 - self.want(agents)) < 1e-3
+        words = [t.text for t in result.text_with_timestamps]
+        assert words == " ".join(self.UNITS).split()
+
+    def test_pipecat_gradium(self, agents):
+        """pipecat/services/gradium/tts.py: one socket for every turn; setup with a
+        client_req_id and close_ws_on_eos false; audio kept only when it echoes that id."""
+        from pipecat.services.gradium.tts import GradiumTTSService
+
+        service = GradiumTTSService(api_key="k", url=f"{agents.url}/api/speech/tts",
+                                    settings=GradiumTTSService.Settings(voice="ref"))  # fmt: skip
+        audio = pipecat_run(service, llm_reply(" ".join(self.UNITS)), 48000)
+        assert audio and all(f.sample_rate == 48000 for f in audio)
+        seconds = sum(len(f.audio) for f in audio) / 2 / 48000
+        assert abs(seconds - self.want(agents)) < 1e-3
+
+    def test_pipecat_elevenlabs(self, agents):
+        """pipecat/services/elevenlabs/tts.py: {url}/v1/text-to-speech/{voice}/
+        multi-stream-input?...&output_format=pcm_24000&auto_mode=true with xi-api-key; per turn
+        {"text": " "}, the text, then flush and close_context back to back; isFinal ends it."""
+        from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
+
+        service = ElevenLabsTTSService(api_key="k", url=agents.url,
+                                       settings=ElevenLabsTTSService.Settings(voice="ref"))  # fmt: skip
+        audio = pipecat_run(service, llm_reply(" ".join(self.UNITS)), 24000)
+        seconds = sum(len(f.audio) for f in audio) / 2 / 24000
+        assert abs(seconds - self.want(agents)) < 1e-3
+
+    def test_livekit_gradium(self, agents):
+        """livekit-plugins-gradium livekit/plugins/gradium/tts.py: model_endpoint used as
+        given; stream() sends one text message per word, then end_of_stream."""
+        from livekit.plugins import gradium
+
+        audio, rate, _ = livekit_stream(
+            lambda session: gradium.TTS(api_key="k", model_endpoint=f"{agents.url}/api/speech/tts",
+                                        voice_id="ref", http_session=session), " ".join(self.UNITS))  # fmt: skip
+        assert rate == 48000 and abs(len(audio) / 2 / rate - self.want(agents)) < 1e-3
+
+    def test_livekit_elevenlabs(self, agents):
+        """livekit-plugins-elevenlabs livekit/plugins/elevenlabs/tts.py: base_url + /text-to-
+        speech/{id}/multi-stream-input?...&sync_alignment=true; the default encoding
+        mp3_22050_32; each sentence with flush, then {"text": "", "flush": true}, then
+        close_context; it needs isFinal."""
+        from livekit.plugins import elevenlabs
+
+        audio, rate, _ = livekit_stream(
+            lambda session: elevenlabs.TTS(api_key="k", base_url=f"{agents.http}/v1", voice_id="ref",
+                                           http_session=session), " ".join(self.UNITS))  # fmt: skip
+        assert rate == 22050  # decoded from MP3 by the plugin
+        assert abs(len(audio) / 2 / rate - self.want(agents)) < 0.1  # MP3's padding
 
 
 # =================================================================================================
