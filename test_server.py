@@ -4574,9 +4574,9 @@ def pipecat_run(service, frames: list, sample_rate: int = 24000) -> list:
     """Run a Pipecat pipeline [service, collector] on `frames`; return the audio frames."""
     from pipecat.frames.frames import EndFrame, TTSAudioRawFrame
     from pipecat.pipeline.pipeline import Pipeline
-    from pipecat.pipeline.runner import PipelineRunner
-    from pipecat.pipeline.task import PipelineParams, PipelineTask
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
     from pipecat.processors.frame_processor import FrameProcessor
+    from pipecat.workers.runner import WorkerRunner
 
     class Collect(FrameProcessor):
         def __init__(self):
@@ -4591,10 +4591,12 @@ def pipecat_run(service, frames: list, sample_rate: int = 24000) -> list:
 
     async def run():
         collect = Collect()
-        task = PipelineTask(Pipeline([service, collect]),
-                            params=PipelineParams(audio_out_sample_rate=sample_rate))  # fmt: skip
-        await task.queue_frames([*frames, EndFrame()])
-        await asyncio.wait_for(PipelineRunner(handle_sigint=False).run(task), 120)
+        worker = PipelineWorker(Pipeline([service, collect]),
+                                params=PipelineParams(audio_out_sample_rate=sample_rate))  # fmt: skip
+        await worker.queue_frames([*frames, EndFrame()])
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        await asyncio.wait_for(runner.run(), 120)
         return collect.audio
 
     return asyncio.run(run())
@@ -4706,6 +4708,176 @@ class TestAgentClients:
                                            http_session=session), " ".join(self.UNITS))  # fmt: skip
         assert rate == 22050  # decoded from MP3 by the plugin
         assert abs(len(audio) / 2 / rate - self.want(agents)) < 0.1  # MP3's padding
+
+
+@contextlib.contextmanager
+def stub_agents(stub, **overrides):
+    """The voice-agent server over the stub model (fast, and sized by `overrides`)."""
+    speech = make_server(stub, **overrides)
+    server = srv.AgentServer(speech, "127.0.0.1", 0)
+    try:
+        yield SimpleNamespace(url=f"ws://127.0.0.1:{server.port}", engine=speech.engine)
+    finally:
+        server.close()
+
+
+async def until(ws, predicate, timeout: float = 60.0) -> list:
+    """Messages up to and including the first that `predicate` accepts."""
+    out = []
+    while True:
+        out.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+        if predicate(out[-1]):
+            return out
+
+
+class TestElevenLabsProtocol:
+    """ElevenLabs' multi-stream-input and stream-input, as the clients above use them."""
+
+    def test_contexts_alignment_telephony_and_close_context_stops_unflushed_text(self, agents):
+        """Two contexts on one socket, in μ-law at 8 kHz: one closed while it speaks (its
+        unflushed text stops within a step; isFinal follows), the other flushed and spoken in
+        full; each unit's alignment covers its characters and spans its audio."""
+        from websockets.asyncio.client import connect
+
+        url = f"{agents.url}/v1/text-to-speech/ref/multi-stream-input?output_format=ulaw_8000"
+
+        async def run():
+            async with connect(url, additional_headers={"xi-api-key": "k"}) as ws:
+                send = lambda m: ws.send(json.dumps(m))  # noqa: E731
+                await send({"text": " ", "context_id": "long"})
+                await send({"text": " ".join(CORPUS) + " ", "context_id": "long"})
+                await until(ws, lambda m: m.get("contextId") == "long" and m.get("audio"))
+                await send({"text": "Hello world. ", "context_id": "short", "flush": True})
+                await send({"context_id": "short", "close_context": True})  # flushed: spoken
+                closed = time.monotonic()
+                await send({"context_id": "long", "close_context": True})
+                got = await until(ws, lambda m: m.get("isFinal") and m["contextId"] == "long")
+                stopped = time.monotonic() - closed
+                got += await until(ws, lambda m: m.get("isFinal") and m["contextId"] == "short")
+                await send({"close_socket": True})
+                return got, stopped, await ws_messages(ws), ws.close_code
+
+        got, stopped, rest, code = asyncio.run(run())
+        assert stopped < 1.0, stopped  # a step or two, on a loaded 2-core machine
+        assert rest == [] and code == 1000
+        short = [m for m in got if m.get("contextId") == "short"]
+        audio = b"".join(base64.b64decode(m["audio"]) for m in short if m.get("audio"))
+        want = agent_seconds(agents.real.model, ["Hello world."])
+        assert abs(len(audio) / 8000 - want) < 1e-3  # one byte a sample
+        [aligned] = [m for m in short if m.get("alignment")]
+        chars = aligned["alignment"]["chars"]
+        assert "".join(chars) == "Hello world. "
+        ends = (
+            aligned["alignment"]["charStartTimesMs"][-1]
+            + aligned["alignment"]["charDurationsMs"][-1]
+        )
+        assert abs(ends / 1000 - want) < 2e-3
+        assert "".join(aligned["normalizedAlignment"]["chars"]) == "Hello world. "
+
+    def test_errors_in_the_protocols_own_words(self, agents):
+        """Unknown voice, bad output format, malformed JSON and oversized messages each get
+        the protocol's error message (never a silent drop); Gradium without setup is 1008."""
+        from websockets.asyncio.client import connect
+
+        base = f"{agents.url}/v1/text-to-speech"
+
+        async def run():
+            found = {}
+            async with connect(f"{base}/nobody/multi-stream-input") as ws:
+                await ws.send(json.dumps({"text": "Hello. ", "context_id": "c"}))
+                found["voice"] = json.loads(await ws.recv())
+                await ws.send("{not json")
+                found["json"] = json.loads(await ws.recv())
+                await ws.send(json.dumps({"text": "x" * (1024 * 1024 + 1), "context_id": "c"}))
+                found["big"] = json.loads(await ws.recv())
+                await ws_messages(ws)
+                found["big_code"] = ws.close_code
+            async with connect(f"{base}/ref/stream-input?output_format=wav_1") as ws:
+                found["format"] = json.loads(await ws.recv())
+                await ws_messages(ws)
+                found["format_code"] = ws.close_code
+            async with connect(f"{agents.url}/api/speech/tts") as ws:
+                await ws.send(json.dumps({"type": "text", "text": "Hello."}))
+                found["setup"] = json.loads(await ws.recv())
+                await ws_messages(ws)
+                found["setup_code"] = ws.close_code
+            return found
+
+        found = asyncio.run(run())
+        assert found["voice"]["error"] == "voice_not_found" and found["voice"]["contextId"] == "c"
+        assert "nobody" in found["voice"]["message"]
+        assert found["json"]["error"] == "bad_message"
+        assert found["big"]["error"] == "too_large" and found["big_code"] == 1009
+        assert found["format"]["error"] == "invalid_output_format"
+        assert found["format_code"] == 1008
+        assert found["setup"] == {"type": "error", "code": 1008,
+                                  "message": "Send a setup message first (for this client_req_id)."}  # fmt: skip
+        assert found["setup_code"] == 1008
+
+    def test_busy_key_and_a_disconnect_that_frees_its_place(self, stub):
+        """With one place and no queue, a second context is told `busy` while the first speaks
+        on; the API key is checked before the upgrade (xi-api-key and x-api-key both work); a
+        client that leaves mid-stream frees its place within a second."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        stub.frame_delay = 0.01
+        with stub_agents(stub, max_batch=1, max_queue=0, api_key="s3cret") as agents:
+            url = agents.url
+            multi = f"{url}/v1/text-to-speech/alba/multi-stream-input?output_format=pcm_24000"
+
+            async def run():
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(multi):
+                        pass
+                assert refused.value.response.status_code == 401
+                async with connect(multi, additional_headers={"xi-api-key": "s3cret"}) as ws:
+                    await ws.send(json.dumps({"text": LONG_TEXT + " ", "context_id": "a"}))
+                    await until(ws, lambda m: m.get("audio"))
+                    await ws.send(json.dumps({"text": "Hello. ", "context_id": "b",
+                                              "flush": True}))  # fmt: skip
+                    busy = await until(ws, lambda m: m.get("error"))
+                    more = await until(ws, lambda m: m.get("audio") and m["contextId"] == "a")
+                assert agents.engine.active == 1
+                left = time.monotonic()  # the client left mid-stream: its place is free at once
+                while agents.engine.active and time.monotonic() - left < 1.0:
+                    await asyncio.sleep(0.01)
+                assert agents.engine.active == 0
+                gradium = f"{url}/api/speech/tts"
+                async with connect(gradium, additional_headers={"x-api-key": "s3cret"}) as ws:
+                    await ws.send(json.dumps({"type": "setup", "voice_id": "alba"}))
+                    ready = json.loads(await ws.recv())
+                return busy[-1], more[-1], ready
+
+            busy, more, ready = asyncio.run(run())
+            assert busy["error"] == "busy" and busy["contextId"] == "b"
+            assert more["contextId"] == "a"  # the first context speaks on
+            assert ready["type"] == "ready"
+
+    def test_elevenlabs_sdk_over_tls(self, agents, tmp_path, monkeypatch):
+        """elevenlabs/realtime_tts.py convert_realtime: wss:// only, on stream-input; it
+        sends {"text": " "} with a chunk schedule, text chunks, then {"text": ""}; a close other
+        than 1000 is an error there."""
+        from elevenlabs.client import ElevenLabs
+
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                       capture_output=True)  # fmt: skip
+        tls = srv.agent_tls(srv.Settings(ws_tls_cert=str(cert), ws_tls_key=str(key)))
+        server = srv.AgentServer(agents.real.server, "127.0.0.1", 0, tls)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        try:
+            client = ElevenLabs(api_key="k", base_url=f"https://127.0.0.1:{server.port}")
+            chunks = client.text_to_speech.convert_realtime(
+                voice_id="ref", text=iter(["Hello ", "world. This is a ", "test of streamed text."]),
+                output_format="pcm_24000")  # fmt: skip
+            audio = b"".join(chunks)
+        finally:
+            server.close()
+        want = agent_seconds(agents.real.model, TestAgentClients.UNITS)
+        assert abs(len(audio) / 2 / 24000 - want) < 1e-3
 
 
 # =================================================================================================
