@@ -4550,9 +4550,10 @@ class TestGradiumProtocol:
                 await ws.send(json.dumps({"type": "setup", "model_name": "default",
                                           "voice_id": "ref", "output_format": "pcm"}))  # fmt: skip
                 ready = json.loads(await ws.recv())
-                for piece in ["Hello ", "world. This is a ", "test of streamed text."]:
+                for piece in ["Hello ", "world. This is a "]:
                     await ws.send(json.dumps({"type": "text", "text": piece}))
-                first = json.loads(await ws.recv())  # the first sentence speaks already
+                first = json.loads(await ws.recv())  # before the last text chunk is sent
+                await ws.send(json.dumps({"type": "text", "text": "test of streamed text."}))
                 await ws.send(json.dumps({"type": "end_of_stream"}))
                 rest = await ws_messages(ws)
                 return ready, [first, *rest], ws.close_code
@@ -4853,6 +4854,32 @@ class TestElevenLabsProtocol:
             assert busy["error"] == "busy" and busy["contextId"] == "b"
             assert more["contextId"] == "a"  # the first context speaks on
             assert ready["type"] == "ready"
+
+    def test_a_fault_in_the_engine_is_an_error_within_a_second_and_the_next_speaks(self, stub):
+        """The model raising mid-step: the context's client gets Gradium's error (1011) within
+        a second, other sockets go on, and the next request speaks in full."""
+        from websockets.asyncio.client import connect
+
+        stub.frame_delay = 0.005
+        with stub_agents(stub, max_batch=2) as agents:
+            url = f"{agents.url}/api/speech/tts"
+
+            async def speak(text: str):
+                async with connect(url) as ws:
+                    await ws.send(json.dumps({"type": "setup", "voice_id": "alba"}))
+                    await ws.send(json.dumps({"type": "text", "text": text}))
+                    await ws.send(json.dumps({"type": "end_of_stream"}))
+                    started = time.monotonic()
+                    return await ws_messages(ws), time.monotonic() - started, ws.close_code
+
+            stub.fail_after_frames = 5
+            messages, seconds, code = asyncio.run(speak("Hello world."))
+            assert messages[-1]["type"] == "error" and messages[-1]["code"] == 1011 == code
+            assert seconds < 1.0
+            stub.fail_after_frames = None
+            messages, _, code = asyncio.run(speak("Hello world."))
+            assert messages[-1] == {"type": "end_of_stream"} and code == 1000
+            assert sum(m["type"] == "audio" for m in messages) > 0
 
     def test_elevenlabs_sdk_over_tls(self, agents, tmp_path, monkeypatch):
         """elevenlabs/realtime_tts.py convert_realtime: wss:// only, on stream-input; it

@@ -7,6 +7,7 @@ run on one machine and printed as ratios; absolute timings are noisy, ratios muc
     python bench/bench.py                       # ~6 minutes on 2 cores
     python bench/bench.py --config english_2m_2026-10 --quick
     python bench/bench.py --only concurrency    # the batching table alone
+    python bench/bench.py --only agents         # voice agents: WebSocket against HTTP
     python bench/bench.py --only concurrency --device cuda --clients 1,8,32,64,128
 
 It prints a Markdown table (the README's "Performance" section is one such run).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import queue
 import socket
 import statistics
 import subprocess
@@ -166,7 +168,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="english", help="packaged architecture to use")
     parser.add_argument("--quick", action="store_true", help="one repetition instead of three")
-    parser.add_argument("--only", choices=["concurrency", "wyoming"], help="run one section only")
+    parser.add_argument(
+        "--only", choices=["concurrency", "wyoming", "agents"], help="run one section only"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--clients", default="1,2,4,8,16,32", help="concurrency levels")
     parser.add_argument("--realtime_margin", type=float, default=1.1,
@@ -199,6 +203,9 @@ def main():
             concurrency(args, config, ref, tmp / "cache", model, state, reps, precision)
     if args.only == "wyoming":
         wyoming_first_audio(config, ref, tmp / "cache", reps)
+    if args.only == "agents":
+        for clients in (1, 4, 8):
+            agents_first_audio(config, ref, tmp / "cache", clients)
     if args.only:
         print_table()
         return
@@ -362,6 +369,105 @@ def wyoming_first_audio(config: Path, ref: Path, cache: Path, reps: int):
     row("first audio: HTTP pcm stream", f"{http * 1000:.0f} ms")
     row("first audio: Wyoming synthesize", f"{plain * 1000:.0f} ms")
     row("first audio: Wyoming streamed text (7-character pieces)", f"{streamed * 1000:.0f} ms")
+    proc.terminate()
+    proc.wait()
+
+
+AGENT_REPLY = (
+    "Sure, I can help with that. The store opens at nine in the morning. "
+    "It closes at six, except on Sundays."
+)
+WORD_SECONDS = 0.03  # an LLM writing ~33 words a second
+
+
+class Playback:
+    """A listener's clock: audio plays from its first arrival; a chunk arriving after the audio
+    before it has finished playing is a stall (the listener hears a gap)."""
+
+    def __init__(self, rate: int):
+        self.rate, self.start, self.played, self.stalled = rate, None, 0.0, 0.0
+
+    def arrived(self, nbytes: int):
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = now
+        due = self.start + self.stalled + self.played
+        self.stalled += max(0.0, now - due)
+        self.played += nbytes / 2 / self.rate
+
+
+def agents_first_audio(config: Path, ref: Path, cache: Path, clients: int):
+    """Voice agents streaming an LLM's reply word by word: over the Gradium WebSocket, against
+    HTTP requests sent one sentence at a time as each ends (as an OpenAI-TTS agent does). For
+    each: first word -> first audio, and the gaps a listener hears after that."""
+    import asyncio
+    import base64
+    import json
+
+    from websockets.asyncio.client import connect
+
+    port = free_port()
+    proc, url = start_server(config, ref, cache, "--ws_port", str(port))
+    words = AGENT_REPLY.split()
+    ends = [i for i, w in enumerate(words) if w.endswith(".")]  # a sentence's last word
+
+    async def ws_agent() -> tuple[float, float]:
+        async with connect(f"ws://127.0.0.1:{port}/api/speech/tts") as ws:
+            await ws.send(json.dumps({"type": "setup", "voice_id": "ref", "output_format": "pcm"}))
+            await ws.recv()  # ready
+            started, playback = time.perf_counter(), Playback(48000)
+
+            async def writer():
+                for word in words:
+                    await ws.send(json.dumps({"type": "text", "text": word + " "}))
+                    await asyncio.sleep(WORD_SECONDS)
+                await ws.send(json.dumps({"type": "end_of_stream"}))
+
+            task = asyncio.create_task(writer())
+            async for raw in ws:
+                message = json.loads(raw)
+                if message["type"] == "audio":
+                    playback.arrived(len(base64.b64decode(message["audio"])))
+            await task
+            return playback.start - started, playback.stalled
+
+    def http_agent(out: list):
+        ended: queue.Queue = queue.Queue()
+        started, playback = time.perf_counter(), Playback(24000)
+
+        def llm():
+            sentence = []
+            for i, word in enumerate(words):
+                sentence.append(word)
+                if i in ends:
+                    ended.put(" ".join(sentence))
+                    sentence = []
+                time.sleep(WORD_SECONDS)
+
+        threading.Thread(target=llm, daemon=True).start()
+        for _ in ends:  # each sentence as it ends, once the one before has been received
+            body = {"input": ended.get(), "response_format": "pcm", "stream": True}
+            with requests.post(f"{url}/v1/audio/speech", json=body, stream=True, timeout=600) as r:
+                for chunk in r.iter_content(chunk_size=None):
+                    playback.arrived(len(chunk))
+        out.append((playback.start - started, playback.stalled))
+
+    async def ws_all():
+        return await asyncio.gather(*(ws_agent() for _ in range(clients)))
+
+    speech(url, "Warm up.", "pcm", True)
+    asyncio.run(ws_all())  # warm up the WebSocket path too
+    ws_runs = asyncio.run(ws_all())
+    http_runs: list = []
+    threads = [threading.Thread(target=http_agent, args=(http_runs,)) for _ in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    said = ends[0] * WORD_SECONDS  # when the first sentence's last word was sent
+    for name, runs in (("WebSocket (Gradium)", ws_runs), ("HTTP per sentence", http_runs)):
+        first, stalls = median([r[0] for r in runs]), median([r[1] for r in runs])
+        row(f"agents x{clients}, {name}: first word / first sentence's end -> first audio; "
+            "gaps heard", f"{first * 1000:.0f} ms / {(first - said) * 1000:.0f} ms; "
+            f"{stalls * 1000:.0f} ms")  # fmt: skip
     proc.terminate()
     proc.wait()
 
