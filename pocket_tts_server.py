@@ -4291,25 +4291,29 @@ class WyomingSession:
             return await self.error(exc.message, exc.code)
         except Busy as exc:
             return await self.error(str(exc), "busy")
-        try:
-            release = await loop.run_in_executor(None, server.engine.acquire, self.gone)
-        except (Busy, ClientGone) as exc:
-            return await self.error(str(exc) or "The client left.", "busy")
         rate, stop = server.engine.sample_rate, threading.Event()
         self.stops.add(stop)
         deadline = loop.time() + server.settings.request_timeout  # as HTTP's
         timer = loop.call_at(deadline, stop.set)
-        audio = server.engine.speak(script, state, stop)
+        audio = engine_audio(server.engine, script, state, stop, self.gone)
 
         async def send(eventable):  # a client that stops reading holds its place until the deadline
             await asyncio.wait_for(self.handler.write_event(eventable.event()),
                                    max(0.0, deadline - loop.time()) + 1.0)  # fmt: skip
 
         try:
-            await send(AudioStart(rate=rate, width=2, channels=1))
-            while (samples := await loop.run_in_executor(None, next, audio, None)) is not None:
-                await send(AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples)))
+            async with contextlib.aclosing(audio):
+                started = False  # audio-start once a place is won: else a `busy` error
+                async for samples in audio:
+                    if not started:
+                        await send(AudioStart(rate=rate, width=2, channels=1))
+                        started = True
+                    await send(AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples)))
+            if not started:
+                await send(AudioStart(rate=rate, width=2, channels=1))
             await send(AudioStop())
+        except (Busy, ClientGone) as exc:
+            await self.error(str(exc) or "The client left.", "busy")
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             logger.warning("a Wyoming client stopped reading: its connection is closed")
             self.close()
@@ -4317,13 +4321,8 @@ class WyomingSession:
         except GenerationFailed:
             logger.exception("synthesis failed")
             await self.error("The model failed on this text and voice.", "synthesis_failed")
-        except BaseException:
-            stop.set()  # the client left (or the task was cancelled): stop generating
-            raise
         finally:
             timer.cancel()
-            await loop.run_in_executor(None, audio.close)
-            release()
             self.stops.discard(stop)
 
     async def too_long(self):
@@ -4406,6 +4405,7 @@ def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = F
 # each unit is spoken through the Engine as HTTP's requests are (voices, admission, batching).
 
 AGENT_SCHEDULE = (120, 160, 250, 290)  # ElevenLabs' default chunk_length_schedule (characters)
+MAX_CONTEXTS = 8  # open at once on one socket (ElevenLabs allows 5)
 WIRE_FORMAT = re.compile(r"(pcm|wav|mp3|opus|ulaw|alaw)(?:_(\d{4,5}))?(?:_(\d{2,3}))?")
 WIRE_RATES = {"opus": (8000, 12000, 16000, 24000, 48000), "ulaw": (8000,), "alaw": (8000,)}
 PCM_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -4579,6 +4579,8 @@ class SpeechContext:
     # -- the task -------------------------------------------------------------------------------
 
     async def run(self):
+        from websockets.exceptions import ConnectionClosed
+
         try:
             while (item := await self.queue.get()) is not None:
                 kind, text, index = item
@@ -4592,6 +4594,8 @@ class SpeechContext:
             await self.listener.finished(self)
         except ContextFailed as exc:
             await self.listener.failed(self, exc)
+        except ConnectionClosed:
+            pass  # the client left: the socket's handler cancels its contexts
         finally:
             self.encoder.close()
 
@@ -4642,7 +4646,11 @@ class AgentSession:
             await self.ws.close(1008, "the client stopped reading")
 
     async def open_context(self, key, voice: str | None, wire: WireFormat, schedule=None):
-        """A context with its voice loaded; ApiError (unknown voice...) is the caller's to tell."""
+        """A context with its voice loaded; ApiError (unknown voice, too many contexts) is the
+        caller's to tell."""
+        if len(self.contexts) >= MAX_CONTEXTS:
+            message = f"At most {MAX_CONTEXTS} contexts may be open on one socket."
+            raise ApiError(400, message, code="too_many_contexts")
         loop = asyncio.get_running_loop()
         load = functools.partial(protocol_voice_state, self.server, voice)
         state = await loop.run_in_executor(None, load)

@@ -4670,10 +4670,13 @@ class TestAgentClients:
 
         service = GradiumTTSService(api_key="k", url=f"{agents.url}/api/speech/tts",
                                     settings=GradiumTTSService.Settings(voice="ref"))  # fmt: skip
-        audio = pipecat_run(service, llm_reply(" ".join(self.UNITS)), 48000)
+        turns = [*llm_reply(" ".join(self.UNITS)), *llm_reply("Hello world.")]  # two turns
+        audio = pipecat_run(service, turns, 48000)
         assert audio and all(f.sample_rate == 48000 for f in audio)
+        assert len({f.context_id for f in audio}) == 2  # a client_req_id each, one socket
         seconds = sum(len(f.audio) for f in audio) / 2 / 48000
-        assert abs(seconds - self.want(agents)) < 1e-3
+        want = self.want(agents) + agent_seconds(agents.real.model, ["Hello world."])
+        assert abs(seconds - want) < 1e-3
 
     def test_pipecat_elevenlabs(self, agents):
         """pipecat/services/elevenlabs/tts.py: {url}/v1/text-to-speech/{voice}/
