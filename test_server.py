@@ -4748,6 +4748,7 @@ class TestElevenLabsProtocol:
         async def run():
             async with connect(url, additional_headers={"xi-api-key": "k"}) as ws:
                 send = lambda m: ws.send(json.dumps(m))  # noqa: E731
+                await send({"text": ""})  # Pipecat's keep-alive, before any context: ignored
                 await send({"text": " ", "context_id": "long"})
                 await send({"text": " ".join(CORPUS) + " ", "context_id": "long"})
                 await until(ws, lambda m: m.get("contextId") == "long" and m.get("audio"))
@@ -4805,6 +4806,9 @@ class TestElevenLabsProtocol:
                 found["setup"] = json.loads(await ws.recv())
                 await ws_messages(ws)
                 found["setup_code"] = ws.close_code
+            async with connect(f"{agents.url}/api/speech/tts") as ws:
+                await ws.send(json.dumps({"type": "setup", "output_format": "flac"}))
+                found["bad_setup"] = json.loads(await ws.recv())
             return found
 
         found = asyncio.run(run())
@@ -4817,6 +4821,32 @@ class TestElevenLabsProtocol:
         assert found["setup"] == {"type": "error", "code": 1008,
                                   "message": "Send a setup message first (for this client_req_id)."}  # fmt: skip
         assert found["setup_code"] == 1008
+        assert found["bad_setup"]["code"] == 1008 and "flac" in found["bad_setup"]["message"]
+
+    def test_connection_limit_idle_sockets_and_unknown_paths(self, stub):
+        """HTTP's limits hold: --max_connections (a 503 before the upgrade), --idle_timeout
+        (an idle socket is closed, 1000), and a path no protocol serves is a 404."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidStatus
+
+        with stub_agents(stub, max_connections=1, idle_timeout=1) as agents:
+
+            async def run():
+                url = f"{agents.url}/api/speech/tts"
+                async with connect(url) as first:
+                    with pytest.raises(InvalidStatus) as full:
+                        async with connect(url):
+                            pass
+                    started = time.monotonic()
+                    await ws_messages(first)  # nothing sent: closed when idle
+                    idle = time.monotonic() - started, first.close_code
+                with pytest.raises(InvalidStatus) as unknown:
+                    async with connect(f"{agents.url}/v1/somewhere"):
+                        pass
+                return full.value.response.status_code, idle, unknown.value.response.status_code
+
+            full, (seconds, code), unknown = asyncio.run(run())
+            assert full == 503 and code == 1000 and 0.5 < seconds < 5 and unknown == 404
 
     def test_busy_key_and_a_disconnect_that_frees_its_place(self, stub):
         """With one place and no queue, a second context is told `busy` while the first speaks
