@@ -130,6 +130,7 @@ class Settings:
     ws_host: str | None = None
     ws_tls_cert: str | None = None
     ws_tls_key: str | None = None
+    metrics_key: str | None = None
     log_level: str = "info"
 
 
@@ -183,6 +184,8 @@ FLAG_HELP = {
     "ws_tls_cert": "certificate (PEM) to serve the WebSockets as wss:// (the elevenlabs SDK "
     "only speaks wss://); with --ws_tls_key",
     "ws_tls_key": "private key (PEM) of --ws_tls_cert",
+    "metrics_key": "require `Authorization: Bearer <key>` for /metrics (default: open, as "
+    "/health is)",
     "log_level": "logging level",
 }
 FLAG_CHOICES = {
@@ -249,6 +252,110 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         except (OSError, UnicodeDecodeError) as exc:
             parser.error(f"--api_key_file: {exc}")
     return settings
+
+
+# =================================================================================================
+# Metrics: what Prometheus scrapes at /metrics
+# =================================================================================================
+# prometheus_client writes the exposition; each Engine owns a registry of its own (tests build many
+# servers in one process). Counters and histograms are fed by their owners as things happen
+# (admission, the scheduler, the voice cache, each protocol); the gauges are read from the
+# Engine's stats at scrape time, so they are never stale.
+
+SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 120.0)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24, 0.32, 0.64)
+
+
+class Metrics:
+    """The server's metrics, named as Prometheus asks (a `pocket_tts_` prefix, `_seconds`,
+    `_total`)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry()
+        common = {"namespace": "pocket_tts", "registry": registry}
+        self.requests = Counter(
+            "requests",
+            "HTTP requests answered, by route, status and response_format",
+            ["route", "status", "format"],
+            **common,
+        )
+        self.request_seconds = Histogram(
+            "request_duration_seconds",
+            "HTTP requests, from the request to the body's last byte",
+            ["route"],
+            buckets=SECONDS_BUCKETS,
+            **common,
+        )
+        self.first_audio = Histogram(
+            "time_to_first_audio_seconds",
+            "From a request (an HTTP stream, a Wyoming synthesis, a WebSocket unit) to its audio",
+            ["protocol"],
+            buckets=SECONDS_BUCKETS,
+            **common,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Time a stream waited for a place",
+            buckets=SECONDS_BUCKETS,
+            **common,
+        )
+        self.refusals = Counter(
+            "admission_refusals",
+            "Streams refused a place, by reason (queue_full: 429, queue_timeout: 503)",
+            ["reason"],
+            **common,
+        )
+        self.step_seconds = Histogram(
+            "step_seconds",
+            "One batched model step (a tick), all its streams together",
+            buckets=STEP_BUCKETS,
+            **common,
+        )
+        self.voice_cache = Counter(
+            "voice_cache_lookups",
+            "Voice states asked for, by where they came from (memory, disk, encoded)",
+            ["result"],
+            **common,
+        )
+        self.sessions = Gauge(
+            "sessions", "Open Wyoming and WebSocket sessions", ["protocol"], **common
+        )
+        self.sessions_opened = Counter("sessions_opened", "Wyoming and WebSocket sessions opened",
+                                       ["protocol"], **common)  # fmt: skip
+
+    def watch(self, stats):
+        """Gauges read at scrape time from `stats()` (the Engine's numbers for /health)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        gauges = {
+            "active_streams": "Streams generating now",
+            "queue_depth": "Streams waiting for a place",
+            "capacity": "Places: streams admitted at once now (real-time admission)",
+            "batch_size": "Rows in the batched step now",
+            "realtime_headroom": "Audio seconds made per second, per stream (1: just real time)",
+            "recent_rtf": "Real-time factor of recent requests",
+        }
+
+        class EngineGauges:
+            def collect(self):
+                values = stats()
+                for name, about in gauges.items():
+                    if values.get(name) is not None:
+                        yield GaugeMetricFamily(f"pocket_tts_{name}", about, value=values[name])
+
+        self.registry.register(EngineGauges())
+
+    def session(self, protocol: str):
+        """Count a session open for as long as the `with` block runs."""
+        self.sessions_opened.labels(protocol).inc()
+        return self.sessions.labels(protocol).track_inprogress()
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 # =================================================================================================
@@ -1264,8 +1371,9 @@ class VoiceStates:
     only, so the batch keeps stepping meanwhile.
     """
 
-    def __init__(self, model, cache: LatentCache, max_reference_seconds: float):
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: LatentCache, max_reference_seconds: float,
+                 metrics: Metrics | None = None):  # fmt: skip
+        self.model, self.cache, self.metrics = model, cache, metrics or Metrics()
         self.sample_rate: int = model.sample_rate
         self.has_voice_cloning: bool = getattr(model, "has_voice_cloning", True)
         self.max_reference_seconds = max_reference_seconds
@@ -1279,6 +1387,7 @@ class VoiceStates:
         if source.kind == "builtin":
             key = f"builtin-{source.ref}"
             state = self.cache.get(key)
+            self.metrics.voice_cache.labels("memory" if state is not None else "encoded").inc()
             if state is None:
                 with self._encoder():
                     state = self.model.get_state_for_audio_prompt(source.ref)
@@ -1292,7 +1401,10 @@ class VoiceStates:
                 key = self.content_key(source)
             except OSError:  # removed or replaced since it was resolved
                 raise VoiceError(f"voice {source.name!r} is no longer available.") from None
-        state = self.cache.get(key) or self._load_cached(key)
+        state, where = self.cache.get(key), "memory"
+        if state is None:
+            state, where = self._load_cached(key), "disk"
+        self.metrics.voice_cache.labels(where if state is not None else "encoded").inc()
         if state is None:
             if source.kind == "url" and data is None:  # known unchanged, but its state was evicted
                 key, data = self.remote.fetch(source.ref, fresh=True)
@@ -2409,8 +2521,10 @@ class Admission:
     most, and the rest are told when to retry (Busy, with Retry-After).
     """
 
-    def __init__(self, capacity: Capacity, max_queue: int, queue_timeout: float):
+    def __init__(self, capacity: Capacity, max_queue: int, queue_timeout: float,
+                 metrics: Metrics | None = None):  # fmt: skip
         self.capacity, self.max_queue, self.queue_timeout = capacity, max_queue, queue_timeout
+        self.metrics = metrics or Metrics()
         self.changed = threading.Condition()
         self.queue: deque[Ticket] = deque()
         self.active = 0
@@ -2418,13 +2532,15 @@ class Admission:
 
     def acquire(self, cancelled=None):
         """Wait in the queue for a place; return the (idempotent) release function."""
-        deadline = time.monotonic() + self.queue_timeout
+        started = time.monotonic()
+        deadline = started + self.queue_timeout
         with self.changed:
             self._grant()
             if self.queue or self.active >= self.capacity.value:
                 self._wait(Ticket(), deadline, cancelled)
             else:
                 self.active += 1
+        self.metrics.queue_wait.observe(time.monotonic() - started)
         released = threading.Event()
 
         def release():
@@ -2439,6 +2555,7 @@ class Admission:
     def _wait(self, ticket: Ticket, deadline: float, cancelled):
         """Queue `ticket` until a place is granted to it (under `changed`)."""
         if len(self.queue) >= self.max_queue:
+            self.metrics.refusals.labels("queue_full").inc()
             message = "The server is busy: too many requests are queued. Retry later."
             raise Busy(429, message, self.retry_after(len(self.queue) + 1))
         self.queue.append(ticket)
@@ -2447,6 +2564,7 @@ class Admission:
                 if cancelled is not None and cancelled():
                     raise ClientGone
                 if time.monotonic() > deadline:
+                    self.metrics.refusals.labels("queue_timeout").inc()
                     position = self.queue.index(ticket) + 1
                     raise Busy(503, "No stream became free in time.", self.retry_after(position))
                 self.changed.wait(0.25)  # a release notifies at once; capacity may have grown
@@ -2517,10 +2635,11 @@ class BatchScheduler:
     batch that was in it, and the next sentence starts afresh.
     """
 
-    def __init__(self, steps, capacity: Capacity, admitted=lambda: 0):
+    def __init__(self, steps, capacity: Capacity, admitted=lambda: 0,
+                 metrics: Metrics | None = None):  # fmt: skip
         import torch
 
-        self.steps, self.capacity = steps, capacity
+        self.steps, self.capacity, self.metrics = steps, capacity, metrics or Metrics()
         self.admitted = admitted  # how many requests hold a place (they may submit soon)
         self.torch_threads = torch.get_num_threads()  # pocket-tts sets 1: a core per thread
         self.rows: list[Sentence] = []
@@ -2812,6 +2931,7 @@ class BatchScheduler:
             return
         old = self.tick_seconds
         self.tick_seconds = seconds if old is None else old + LOAD_SMOOTHING * (seconds - old)
+        self.metrics.step_seconds.observe(seconds)
         self.capacity.observe(streams, seconds)
 
 
@@ -2838,22 +2958,27 @@ class Engine:
         max_reference_seconds: float = MAX_REFERENCE_SECONDS,
         realtime_margin: float = 1.1,
         steps=None,
+        metrics: Metrics | None = None,
     ):
         self.model = model
+        self.metrics = metrics or Metrics()
         linear_sentence_splitting()
         if hasattr(model, "max_decoder_frames_per_call"):  # 0 would decode a whole backlog at once
             model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
-        self.states = VoiceStates(model, cache or LatentCache(None), max_reference_seconds)
+        self.states = VoiceStates(model, cache or LatentCache(None), max_reference_seconds,
+                                  self.metrics)  # fmt: skip
         self.capacity = Capacity(1.0 / self.frame_rate, realtime_margin, max_batch)
-        self.admission = Admission(self.capacity, max_queue, queue_timeout)
+        self.admission = Admission(self.capacity, max_queue, queue_timeout, self.metrics)
         self.steps = steps
         self.scheduler = None
         self.precision = Precision("float32", "unbatched: pocket-tts's own generation")
         if steps is not None:
-            self.scheduler = BatchScheduler(steps, self.capacity, lambda: self.admission.active)
+            self.scheduler = BatchScheduler(steps, self.capacity, lambda: self.admission.active,
+                                            self.metrics)  # fmt: skip
             self.precision = steps.precision
+        self.metrics.watch(self.stats)
 
     # -- places -----------------------------------------------------------------------------------
 
@@ -3259,9 +3384,11 @@ class AudioEncoder:
 # =================================================================================================
 
 CORS_EXPOSED = "Retry-After, x-request-id, Content-Disposition"
-OPEN_PATHS = (
+OPEN_PATHS = (  # /metrics has a key of its own, --metrics_key
     "/",
     "/health",
+    "/ready",
+    "/metrics",
     "/openapi.json",
     "/pocket-tts-logo.png",
     "/favicon.ico",
@@ -3469,6 +3596,18 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
 # fmt: on
 
 
+def first_audio_timed(chunks: Iterator[bytes], metrics: Metrics, protocol: str, started: float):
+    """`chunks`, with the time from `started` to the first one in /metrics."""
+    try:
+        for chunk in chunks:
+            if started is not None:
+                metrics.first_audio.labels(protocol).observe(time.monotonic() - started)
+                started = None
+            yield chunk
+    finally:
+        chunks.close()
+
+
 class ClosingStream:
     """A streamed response body that runs `on_close` once, however it ends (done, error, hang-up).
 
@@ -3507,6 +3646,7 @@ class SpeechServer:
         self.language = model_language(engine.model)
         self.default_state = engine.voice_state(voices.default)  # kept, should its file vanish
         self.naming = threading.Lock()  # voice names are claimed one upload at a time
+        self.draining = False  # set on SIGTERM: /ready says 503
         self.cors = {o.strip().rstrip("/") for o in (settings.cors_origins or "").split(",")} - {""}
         self.loopback_only = is_loopback_name(settings.host)
         self.app = self.create_app()
@@ -3521,6 +3661,8 @@ class SpeechServer:
             ("/favicon.svg", self.favicon, ["GET"]),
             ("/favicon.ico", self.favicon, ["GET"]),
             ("/health", self.health, ["GET"]),
+            ("/ready", self.ready, ["GET"]),
+            ("/metrics", self.metrics, ["GET"]),
             ("/openapi.json", self.openapi, ["GET"]),
             ("/v1/models", self.models, ["GET"]),
             ("/v1/audio/models", self.audio_models, ["GET"]),
@@ -3550,8 +3692,9 @@ class SpeechServer:
 
     @staticmethod
     def tag_request():
-        """Give each request an id: sent back as x-request-id and written in its log line."""
-        g.request_id = f"req_{uuid.uuid4().hex}"
+        """Give each request an id (sent back as x-request-id, written in its log line) and its
+        start time (for /metrics)."""
+        g.request_id, g.started = f"req_{uuid.uuid4().hex}", time.monotonic()
 
     def finish_response(self, resp: Response) -> Response:
         """Tag, log, and (for an allowed other site) open the response to the browser."""
@@ -3563,7 +3706,20 @@ class SpeechServer:
             resp.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
             resp.vary.add("Origin")
         logger.info("%s %s %s -> %d", request_id, request.method, request.path, resp.status_code)
+        self.count_request(resp)
         return resp
+
+    def count_request(self, resp: Response):
+        """The request in /metrics: by route (its pattern), status and format; its duration once
+        the body's last byte has left."""
+        metrics = self.engine.metrics
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        fmt = g.get("response_format", "")
+        metrics.requests.labels(route, str(resp.status_code), fmt).inc()
+        started = g.get("started", time.monotonic())
+        resp.call_on_close(
+            lambda: metrics.request_seconds.labels(route).observe(time.monotonic() - started)
+        )
 
     def guard_request(self):
         """Refuse what only another web site (or a DNS-rebound host name) would send.
@@ -3656,7 +3812,32 @@ class SpeechServer:
 
     # -- small JSON endpoints ---------------------------------------------------------------------
 
+    def ready(self):
+        """For load balancers: 503 while draining after SIGTERM, or with no place free and the
+        queue full (the next request would be refused here: send it elsewhere)."""
+        stats = self.engine.stats()
+        full = stats["can_start"] == 0 and stats["queue_depth"] >= stats["max_queue"]
+        reason = "draining" if self.draining else "full" if full else None
+        body = jsonify(ready=reason is None, reason=reason, active_streams=stats["active_streams"],
+                       queue_depth=stats["queue_depth"])  # fmt: skip
+        return body, 200 if reason is None else 503
+
+    def metrics(self):
+        """Prometheus' text format; behind --metrics_key when it is set."""
+        key = self.settings.metrics_key
+        if key:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                      key.encode()):  # fmt: skip
+                message = "/metrics needs the --metrics_key, as 'Authorization: Bearer <key>'."
+                raise ApiError(401, message, code="invalid_api_key")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.engine.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+
     def health(self):
+        if request.args.get("ready"):  # /health?ready=1: the readiness answer
+            return self.ready()
         return jsonify(
             status="ok",
             model=Path(self.settings.model_path).name,  # a path would tell where files are
@@ -3708,6 +3889,7 @@ class SpeechServer:
             message = "We could not parse the JSON body of your request."
             raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
+        g.response_format = req.response_format
         script = speech_script(req.input, self.language, req.normalize)
         if len(script_text(script)) > SPOKEN_CHARS_PER_INPUT_CHAR * self.settings.max_input_chars:
             message = "'input' is too long once its numbers and symbols are written out as words."
@@ -3734,8 +3916,9 @@ class SpeechServer:
             events = ClosingStream(self.sse_events(*job), release)
             return Response(events, mimetype="text/event-stream", headers=headers)
         headers["X-Accel-Buffering"] = "no"
-        chunks = ClosingStream(self.audio_chunks(*job), release)
-        return Response(chunks, content_type=fmt.content_type, headers=headers)
+        chunks = first_audio_timed(self.audio_chunks(*job), self.engine.metrics, "http", g.started)
+        return Response(ClosingStream(chunks, release), content_type=fmt.content_type,
+                        headers=headers)  # fmt: skip
 
     def requested_voice(self, req: SpeechRequest) -> str | None:
         """The voice a request names: `voice`, else a `model` that names a voice (LocalAI's way)."""
@@ -4173,35 +4356,41 @@ class WyomingSession:
         self.streaming: dict[str, Any] | None = None  # voice, pending text, sentence queue, task
 
     async def serve(self):
-        """Read and handle events until the client leaves, goes idle, or breaks a limit."""
+        """Admit the connection (or say `busy`), then read its events; close it however it ends."""
         settings = self.server.settings
         try:
             if len(self.sessions) >= settings.max_connections:
                 await self.error("Too many connections: retry later.", "busy")
                 return
             self.sessions.add(self)
-            while True:
-                try:
-                    read = read_wyoming_event(self.handler.reader)
-                    event = await asyncio.wait_for(read, settings.idle_timeout)
-                except asyncio.TimeoutError:
-                    if self.stops or self.streaming:  # speaking: not idle
-                        continue
-                    return
-                except WyomingTooLarge as exc:
-                    await self.error(str(exc), "too_large")
-                    return
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    await self.error("The event is not what the Wyoming protocol defines.", "bad")
-                    return
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                if event is None or not await self.handle(event):
-                    return
+            with self.server.engine.metrics.session("wyoming"):
+                await self.read_events()
         finally:
             self.sessions.discard(self)
             self.close()
             self.handler.writer.close()
+
+    async def read_events(self):
+        """Events until the client leaves, goes idle, or breaks a limit."""
+        settings = self.server.settings
+        while True:
+            try:
+                read = read_wyoming_event(self.handler.reader)
+                event = await asyncio.wait_for(read, settings.idle_timeout)
+            except asyncio.TimeoutError:
+                if self.stops or self.streaming:  # speaking: not idle
+                    continue
+                return
+            except WyomingTooLarge as exc:
+                await self.error(str(exc), "too_large")
+                return
+            except (ValueError, KeyError, TypeError, AttributeError):
+                await self.error("The event is not what the Wyoming protocol defines.", "bad")
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            if event is None or not await self.handle(event):
+                return
 
     async def handle(self, event) -> bool:
         from wyoming.info import Describe
@@ -4279,7 +4468,7 @@ class WyomingSession:
         """audio-start, audio-chunks as the Engine makes them, audio-stop; or an error event."""
         from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
-        server, loop = self.server, asyncio.get_running_loop()
+        server, loop, asked = self.server, asyncio.get_running_loop(), time.monotonic()
         if len(text) > server.settings.max_input_chars:
             return await self.too_long()
         script = speech_script(text, server.language)
@@ -4306,6 +4495,9 @@ class WyomingSession:
                 started = False  # audio-start once a place is won: else a `busy` error
                 async for samples in audio:
                     if not started:
+                        server.engine.metrics.first_audio.labels("wyoming").observe(
+                            time.monotonic() - asked
+                        )
                         await send(AudioStart(rate=rate, width=2, channels=1))
                         started = True
                     await send(AudioChunk(rate=rate, width=2, channels=1, audio=pcm16(samples)))
@@ -4601,7 +4793,7 @@ class SpeechContext:
 
     async def speak(self, unit: str, index: int):
         """One unit through the Engine: its audio as it is made, then its timings."""
-        server, loop = self.server, asyncio.get_running_loop()
+        server, loop, asked = self.server, asyncio.get_running_loop(), time.monotonic()
         script, start = speech_script(unit, server.language), self.samples
         stop = threading.Event()
         self.speaking = (index, stop)
@@ -4610,6 +4802,9 @@ class SpeechContext:
             async with contextlib.aclosing(engine_audio(server.engine, script, self.state,
                                                         stop)) as audio:  # fmt: skip
                 async for samples in audio:
+                    if asked is not None:
+                        seconds, asked = time.monotonic() - asked, None
+                        server.engine.metrics.first_audio.labels("websocket").observe(seconds)
                     self.samples += samples.size
                     data = self.encoder.encode(samples)
                     if data:
@@ -4952,21 +5147,27 @@ class AgentServer:
                 idle = max(idle, min(300.0, float(query.get("inactivity_timeout", 0))))
         self.sessions.add(session)
         try:
-            while True:
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), idle)
-                except asyncio.TimeoutError:
-                    if session.busy():
-                        continue
-                    return await ws.close(1000, "idle")
-                message = await self.parse(session, raw)
-                if message is not None:
-                    await session.handle(message)
+            with self.server.engine.metrics.session("websocket"):
+                await self.read_messages(session, ws, idle)
         except ConnectionClosed:
             pass
         finally:
             self.sessions.discard(session)
             session.cancel()
+
+    async def read_messages(self, session: AgentSession, ws, idle: float):
+        """Messages until the socket closes or stays idle (nothing speaking) for `idle` s."""
+        while True:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), idle)
+            except asyncio.TimeoutError:
+                if session.busy():
+                    continue
+                await ws.close(1000, "idle")
+                return
+            message = await self.parse(session, raw)
+            if message is not None:
+                await session.handle(message)
 
     async def parse(self, session: AgentSession, raw) -> dict | None:
         """A client message as a JSON object, or the protocol's error."""
@@ -5237,6 +5438,7 @@ def drain_then_exit(http, server: SpeechServer, seconds: float):
     logger.info("SIGTERM: finishing %d running requests (at most %.0f s)",
                 server.engine.active + server.engine.waiting, seconds)  # fmt: skip
     http.accepting = False  # waitress stops accepting; open connections keep being served
+    server.draining = True
 
     def wait_and_stop():
         deadline = time.monotonic() + seconds

@@ -4941,6 +4941,125 @@ class TestElevenLabsProtocol:
 
 
 # =================================================================================================
+# Operations: Prometheus metrics and readiness for balancers
+# =================================================================================================
+
+
+def scrape(url: str, **headers) -> dict:
+    """/metrics through prometheus_client's own parser: {(name, labels...): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(f"{url}/metrics", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    return {(s.name, *sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}  # fmt: skip
+
+
+class TestMetrics:
+    def test_values_move_as_requests_run(self, stub):
+        """Requests by route, status and format; first audio, duration, queue wait and step
+        histograms; voice-cache lookups; the gauges read from the Engine."""
+        live = LiveServer(make_server(stub, max_batch=2).app, threads=4)
+        try:
+            route = ("route", "/v1/audio/speech")
+            before = scrape(live.url)
+            ok = ("pocket_tts_requests_total", ("format", "wav"), route, ("status", "200"))
+            assert before.get(ok, 0) == 0 and before[("pocket_tts_active_streams",)] == 0
+            for _ in range(2):
+                r = post_json(live.url, {"input": "Hello world.", "response_format": "wav",
+                                         "stream": True})  # fmt: skip
+                assert r.status_code == 200 and duration(r.content) > 0.1
+            bad = post_json(live.url, {"input": "", "response_format": "wav"})
+            assert bad.status_code == 400
+            after = scrape(live.url)
+        finally:
+            live.close()
+        assert after[ok] == 2
+        assert (
+            after[("pocket_tts_requests_total", ("format", "wav"), route, ("status", "400"))] == 1
+        )
+        first = ("pocket_tts_time_to_first_audio_seconds_count", ("protocol", "http"))
+        assert after[first] == 2
+        assert after[("pocket_tts_request_duration_seconds_count", route)] >= 2
+        assert after[("pocket_tts_queue_wait_seconds_count",)] >= 2
+        assert (
+            after[("pocket_tts_step_seconds_count",)] > before[("pocket_tts_step_seconds_count",)]
+        )
+        lookups = sum(v for k, v in after.items() if k[0] == "pocket_tts_voice_cache_lookups_total")
+        assert lookups >= 2
+        assert after[("pocket_tts_capacity",)] >= 1
+
+    def test_refusals_by_reason_and_readiness_when_full(self, stub):
+        """A full server counts its 429s, and /ready (and /health?ready=1) says 503 `full`, so a
+        balancer sends the next request elsewhere; it is ready again once a place frees."""
+        stub.frame_delay = 0.01
+        with busy_worker(stub, max_queue=0) as (url, _):
+            refused = post_json(url, {"input": "Hello."})
+            assert refused.status_code == 429
+            ready = requests.get(f"{url}/ready", timeout=10)
+            assert ready.status_code == 503 and ready.json()["reason"] == "full"
+            assert requests.get(f"{url}/health?ready=1", timeout=10).status_code == 503
+            assert requests.get(f"{url}/health", timeout=10).status_code == 200  # cheap, as ever
+            values = scrape(url)
+            assert values[("pocket_tts_admission_refusals_total", ("reason", "queue_full"))] == 1
+            assert values[("pocket_tts_active_streams",)] == 1
+        live = LiveServer(make_server(stub, max_batch=1, max_queue=0).app)
+        try:
+            assert requests.get(f"{live.url}/ready", timeout=10).json() == {
+                "ready": True, "reason": None, "active_streams": 0, "queue_depth": 0}  # fmt: skip
+        finally:
+            live.close()
+
+    def test_draining_is_not_ready(self, stub):
+        """After SIGTERM the server drains: /ready says 503 `draining` to connections still
+        open (a balancer's kept-alive check) while running streams finish."""
+        speech = make_server(stub)
+        live = LiveServer(speech.app)
+        try:
+            with requests.Session() as session:  # one kept-alive connection, as a balancer's
+                assert session.get(f"{live.url}/ready", timeout=10).status_code == 200
+                srv.drain_then_exit(live.server, speech, 5.0)
+                answer = session.get(f"{live.url}/ready", timeout=10)
+            assert answer.status_code == 503 and answer.json()["reason"] == "draining"
+        finally:
+            live.thread.join(timeout=10)
+        assert not live.thread.is_alive()  # drained, then it stopped serving
+
+    def test_metrics_key_and_the_api_key(self, stub):
+        """/metrics is open as /health is, even under --api_key; --metrics_key closes it."""
+        client = make_server(stub, api_key="k").app.test_client()
+        assert client.get("/metrics").status_code == 200
+        client = make_server(stub, api_key="k", metrics_key="m").app.test_client()
+        refused = client.get("/metrics", headers={"Authorization": "Bearer k"})
+        assert refused.status_code == 401 and "metrics_key" in refused.json["error"]["message"]
+        assert client.get("/metrics", headers={"Authorization": "Bearer m"}).status_code == 200
+
+    def test_protocol_sessions_and_their_first_audio(self, stub):
+        """WebSocket (and Wyoming) sessions: open now, opened in all; each unit's first audio."""
+        from websockets.asyncio.client import connect
+
+        with stub_agents(stub) as agents:
+            registry = agents.engine.metrics.registry
+
+            def value(name, **labels):
+                return registry.get_sample_value(name, labels) or 0
+
+            async def run():
+                async with connect(f"{agents.url}/api/speech/tts") as ws:
+                    await ws.send(json.dumps({"type": "setup", "voice_id": "alba"}))
+                    await ws.recv()
+                    assert value("pocket_tts_sessions", protocol="websocket") == 1
+                    await ws.send(json.dumps({"type": "text", "text": "Hello world."}))
+                    await ws.send(json.dumps({"type": "end_of_stream"}))
+                    await ws_messages(ws)
+
+            asyncio.run(run())
+            assert wait_for(lambda: value("pocket_tts_sessions", protocol="websocket") == 0)
+            assert value("pocket_tts_sessions_opened_total", protocol="websocket") == 1
+            assert value("pocket_tts_time_to_first_audio_seconds_count", protocol="websocket") == 1
+
+
+# =================================================================================================
 # The page at /, in a real browser (Debian chromium driven by playwright) on the real model
 # =================================================================================================
 
