@@ -1254,15 +1254,36 @@ class VoiceCatalog:
         return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
     def mark_uploaded(self, file_name: str, uploaded: bool):
-        """Record that a voices-dir file came from an upload, or forget it (written atomically,
-        one process at a time: read, change and write under a lock shared by all of them)."""
+        """Record that a voices-dir file came from an upload, or forget it (one process at a
+        time: under the lock that every process sharing the folder takes)."""
+        with folder_lock(self.voices_dir, UPLOADS_LOCK):
+            self._write_manifest(file_name, uploaded)
+
+    def claim(self, upload: Path, file_name: str, name: str) -> bool:
+        """Move an upload in as `file_name` unless a voice `name` exists, on any process or host
+        sharing the folder: the check and the move are one step under the folder's lock, and the
+        move never replaces a file (a hard link: it fails if the name exists). True if ours."""
+        with folder_lock(self.voices_dir, UPLOADS_LOCK):
+            if self.kind_of(name) is not None:
+                return False
+            target = self.voices_dir / file_name
+            try:
+                os.link(upload, target)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: the lock still orders us
+                os.replace(upload, target)
+            self._write_manifest(file_name, True)
+        return True
+
+    def _write_manifest(self, file_name: str, uploaded: bool):
+        """Read, change and atomically rewrite the manifest (the caller holds the lock)."""
         tmp = temp_file(self.voices_dir, "manifest", ".json")
         try:
-            with folder_lock(self.voices_dir, UPLOADS_LOCK):
-                names = self.uploaded()
-                names = names | {file_name} if uploaded else names - {file_name}
-                tmp.write_text(json.dumps(sorted(names)))
-                os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
+            names = self.uploaded()
+            names = names | {file_name} if uploaded else names - {file_name}
+            tmp.write_text(json.dumps(sorted(names)))
+            os.replace(tmp, self.voices_dir / UPLOADS_MANIFEST)
         except OSError as exc:
             logger.warning("could not record uploaded voices in %s: %s", UPLOADS_MANIFEST, exc)
             tmp.unlink(missing_ok=True)
@@ -4107,12 +4128,10 @@ class SpeechServer:
             self.engine.voice_state(source)  # validates, and encodes the latents once
             if self.hung_up():  # nobody is waiting for this voice: do not create it
                 raise ClientGone
-            with self.naming:  # two uploads of one name: the first to get here wins
-                if self.voices.kind_of(name) is not None:
+            with self.naming:  # two uploads of one name, here or on a replica: one wins
+                if not self.voices.claim(tmp, f"{name}{suffix}", name):
                     raise taken
-                os.replace(tmp, folder / f"{name}{suffix}")
                 kept = True
-                self.voices.mark_uploaded(f"{name}{suffix}", True)
         except VoiceError as exc:
             raise invalid(field, str(exc)) from None
         except OSError:

@@ -5059,6 +5059,197 @@ class TestMetrics:
 
 
 # =================================================================================================
+# Scaling out: replicas behind HAProxy, sharing one voices folder and one latent cache
+# =================================================================================================
+
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+HAPROXY_CONFIG = """
+global
+    maxconn 2000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    retries 2
+    option redispatch
+frontend speech
+    bind 127.0.0.1:{port}
+    stats enable
+    stats uri /haproxy-stats
+    default_backend replicas
+backend replicas
+    balance leastconn
+    option httpchk
+    http-check send meth GET uri /ready hdr Host localhost
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 2
+{servers}
+"""
+
+
+def saved_weight_config(tmp: Path, tokenizer: Path) -> Path:
+    """A random-weight 2M architecture whose weights are saved once, so that every replica
+    loads the same model (the latent cache is keyed by the weights)."""
+    from pocket_tts import TTSModel
+    from safetensors.torch import save_file
+
+    config = random_weight_config(tmp, tokenizer)
+    weights = tmp / "weights.safetensors"
+    save_file(TTSModel.load_model(config=str(config)).state_dict(), str(weights))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["weights_path"] = str(weights)
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+class Replicas:
+    """N server processes on loopback sharing `tmp/voices` and `tmp/cache`, behind HAProxy."""
+
+    def __init__(self, tmp: Path, config: Path, reference: Path, count: int):
+        self.ports, self.procs = [free_port() for _ in range(count)], [None] * count
+        self.command = lambda port: [
+            sys.executable, str(HERE / "pocket_tts_server.py"), "--model_path", str(config),
+            "--port", str(port), "--default_voice", str(reference), "--voices_dir",
+            str(tmp / "voices"), "--cache_dir", str(tmp / "cache"), "--max_batch", "8"]  # fmt: skip
+        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        for i in range(count):
+            self.start(i, wait=False)
+        assert all(wait_for(lambda p=p: port_open(p), timeout=120) for p in self.ports)
+        self.port = free_port()
+        servers = "\n".join(
+            f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(self.ports)
+        )
+        (tmp / "haproxy.cfg").write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers))
+        self.haproxy = subprocess.Popen([HAPROXY, "-f", str(tmp / "haproxy.cfg")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        assert wait_for(lambda: self.up() == set(range(count)), timeout=30)
+
+    def start(self, i: int, wait: bool = True):
+        self.procs[i] = subprocess.Popen(self.command(self.ports[i]), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)  # fmt: skip
+        if wait:
+            assert wait_for(lambda: port_open(self.ports[i]), timeout=120)
+
+    def up(self) -> set[int]:
+        """The replicas HAProxy sends requests to now (its stats, as CSV)."""
+        with contextlib.suppress(requests.RequestException):
+            rows = requests.get(f"{self.url}/haproxy-stats;csv", timeout=5).text.splitlines()
+            return {int(r.split(",")[1][1:]) for r in rows
+                    if r.startswith("replicas,r") and r.split(",")[17].startswith("UP")}  # fmt: skip
+        return set()
+
+    def close(self):
+        self.haproxy.kill()
+        for proc in self.procs:
+            proc.kill()
+        for proc in [self.haproxy, *self.procs]:
+            proc.wait(timeout=10)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/run installs it)")
+class TestReplicas:
+    def test_three_replicas_behind_haproxy(self, tmp_path, tokenizer_path, reference):
+        """Issue #23: uploads are seen and spoken by every replica; one name uploaded on two
+        replicas at once has one winner and a 409; a delete is refused by all at once; 24
+        concurrent streams spread over the replicas with nothing lost; a replica killed -9 mid-
+        stream cuts that stream short (never a hang), leaves the balancer within its checks while
+        requests keep succeeding, and rejoins once restarted."""
+        replicas = Replicas(tmp_path, saved_weight_config(tmp_path, tokenizer_path), reference, 3)
+        try:
+            self.check_shared_voices(replicas)
+            self.check_concurrent_streams(replicas)
+            self.check_kill_and_rejoin(replicas)
+        finally:
+            replicas.close()
+
+    @staticmethod
+    def check_shared_voices(replicas: Replicas):
+        files = {"file": ("v.wav", wav_bytes(220, seconds=2.0))}
+        r = requests.post(f"{replicas.url}/v1/voices", data={"name": "Shared"}, files=files,
+                          timeout=60)  # fmt: skip
+        assert r.status_code == 201
+        for url in replicas.urls:  # listed and spoken by each, at once
+            assert "Shared" in {v["id"] for v in requests.get(f"{url}/v1/voices").json()["data"]}
+            spoken = post_json(url, {"input": "Hi.", "voice": "Shared", "response_format": "wav"})
+            assert spoken.status_code == 200 and duration(spoken.content) > 0.1
+
+        def upload(url, out):
+            data = {"name": "Twice"}
+            out.append(requests.post(f"{url}/v1/voices", data=data, timeout=60,
+                                     files={"file": ("t.wav", wav_bytes(260, seconds=2.0))}))  # fmt: skip
+
+        answers: list = []
+        racers = [threading.Thread(target=upload, args=(u, answers)) for u in replicas.urls[:2]]
+        [t.start() for t in racers]
+        [t.join() for t in racers]
+        assert sorted(a.status_code for a in answers) == [201, 409]
+        assert requests.delete(f"{replicas.urls[0]}/v1/voices/Shared").status_code == 200
+        for url in replicas.urls[1:]:  # no replica speaks it from memory
+            refused = post_json(url, {"input": "Hi.", "voice": "Shared"})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == (
+                "voice_not_found"
+            )
+
+    @staticmethod
+    def check_concurrent_streams(replicas: Replicas):
+        results: list = []
+
+        def listen(i):
+            body = {"input": f"Hello number {i}.", "response_format": "wav", "stream": True}
+            results.append(requests.post(f"{replicas.url}/v1/audio/speech", json=body, timeout=120))
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=listen, args=(i,)) for i in range(24)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        wall = time.monotonic() - started
+        assert [r.status_code for r in results] == [200] * 24
+        audio = sum(duration(r.content) for r in results)
+        served = [scrape(url).get(("pocket_tts_time_to_first_audio_seconds_count",
+                                   ("protocol", "http")), 0) for url in replicas.urls]  # fmt: skip
+        assert all(n > 0 for n in served), served  # least connections spread them
+        print(
+            f"\n24 streams on 3 replicas: {audio:.1f} s of audio in {wall:.1f} s "
+            f"(aggregate {audio / wall:.1f}x real time); streams per replica {served}"
+        )
+
+    @staticmethod
+    def check_kill_and_rejoin(replicas: Replicas):
+        cut = requests.post(f"{replicas.url}/v1/audio/speech", stream=True, timeout=60,
+                            json={"input": LONG_TEXT, "response_format": "pcm", "stream": True})  # fmt: skip
+        parts = cut.iter_content(chunk_size=None)
+        got = len(next(parts))
+        victim = next(i for i, url in enumerate(replicas.urls)
+                      if requests.get(f"{url}/health").json()["active_streams"])  # fmt: skip
+        out: list[float] = []
+
+        def watch():  # when the balancer stops sending to the killed replica
+            while victim in replicas.up() and time.monotonic() - killed < 20:
+                time.sleep(0.05)
+            out.append(time.monotonic() - killed)
+
+        replicas.procs[victim].kill()
+        killed = time.monotonic()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with contextlib.suppress(requests.RequestException):
+            for part in parts:  # a truncated body, never a hang
+                got += len(part)
+        assert time.monotonic() - killed < 30
+        for _ in range(6):  # meanwhile, new requests keep succeeding
+            assert post_json(replicas.url, {"input": "Still here."}).status_code == 200
+        watcher.join()
+        assert out[0] < 5.0  # checks every 0.5 s, down after 2 failures
+        restarted = time.monotonic()
+        replicas.start(victim)
+        assert wait_for(lambda: victim in replicas.up(), timeout=60)
+        print(f"killed replica out of the balancer after {out[0]:.1f} s; rejoined "
+              f"{time.monotonic() - restarted:.1f} s after its restart")  # fmt: skip
+
+
+# =================================================================================================
 # The page at /, in a real browser (Debian chromium driven by playwright) on the real model
 # =================================================================================================
 
