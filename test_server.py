@@ -5063,29 +5063,18 @@ class TestMetrics:
 # =================================================================================================
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
-HAPROXY_CONFIG = """
-global
-    maxconn 2000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    retries 2
-    option redispatch
-frontend speech
-    bind 127.0.0.1:{port}
-    stats enable
-    stats uri /haproxy-stats
-    default_backend replicas
-backend replicas
-    balance leastconn
-    option httpchk
-    http-check send meth GET uri /ready hdr Host localhost
-    http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
-{servers}
-"""
+
+
+def loopback_haproxy_config(port: int, servers: list[int]) -> str:
+    """deploy/haproxy.cfg (compose's) for replicas on loopback: its checks and balancing, with
+    this port, these servers instead of Docker's DNS, and a stats page to read."""
+    text = (HERE / "deploy" / "haproxy.cfg").read_text()
+    text = re.sub(r"\nresolvers docker\n(?:    .*\n)+", "\n", text)
+    text = text.replace(" init-addr none resolvers docker", "")
+    text = text.replace("bind :8000", f"bind 127.0.0.1:{port}\n    stats enable\n"
+                        "    stats uri /haproxy-stats")  # fmt: skip
+    lines = "".join(f"    server r{i} 127.0.0.1:{p} check\n" for i, p in enumerate(servers))
+    return re.sub(r"    server-template .*\n", lines, text)
 
 
 def saved_weight_config(tmp: Path, tokenizer: Path) -> Path:
@@ -5117,10 +5106,7 @@ class Replicas:
             self.start(i, wait=False)
         assert all(wait_for(lambda p=p: port_open(p), timeout=120) for p in self.ports)
         self.port = free_port()
-        servers = "\n".join(
-            f"    server r{i} 127.0.0.1:{p} check" for i, p in enumerate(self.ports)
-        )
-        (tmp / "haproxy.cfg").write_text(HAPROXY_CONFIG.format(port=self.port, servers=servers))
+        (tmp / "haproxy.cfg").write_text(loopback_haproxy_config(self.port, self.ports))
         self.haproxy = subprocess.Popen([HAPROXY, "-f", str(tmp / "haproxy.cfg")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
@@ -5175,10 +5161,11 @@ class TestReplicas:
             spoken = post_json(url, {"input": "Hi.", "voice": "Shared", "response_format": "wav"})
             assert spoken.status_code == 200 and duration(spoken.content) > 0.1
 
+        recording = wav_bytes(260, seconds=2.0)  # made once: the helper's file is shared
+
         def upload(url, out):
-            data = {"name": "Twice"}
-            out.append(requests.post(f"{url}/v1/voices", data=data, timeout=60,
-                                     files={"file": ("t.wav", wav_bytes(260, seconds=2.0))}))  # fmt: skip
+            out.append(requests.post(f"{url}/v1/voices", data={"name": "Twice"}, timeout=60,
+                                     files={"file": ("t.wav", recording)}))  # fmt: skip
 
         answers: list = []
         racers = [threading.Thread(target=upload, args=(u, answers)) for u in replicas.urls[:2]]
@@ -5247,6 +5234,54 @@ class TestReplicas:
         assert wait_for(lambda: victim in replicas.up(), timeout=60)
         print(f"killed replica out of the balancer after {out[0]:.1f} s; rejoined "
               f"{time.monotonic() - restarted:.1f} s after its restart")  # fmt: skip
+
+
+class TestDeployRecipes:
+    """The container recipes cannot be built or pulled here (no registry): they are parsed and
+    checked against what the server really serves and what CI really runs."""
+
+    def test_dockerfile_installs_as_ci_does_and_runs_the_module(self):
+        dockerfile = (HERE / "Dockerfile").read_text()
+        ci = (HERE / ".ci" / "run").read_text()
+        install = "python -m pip install --quiet --disable-pip-version-check -r requirements.txt"
+        assert install in ci and install in dockerfile
+        assert "COPY pocket_tts_server.py pocket-tts-logo.png" in dockerfile
+        assert '"pocket_tts_server.py"' in dockerfile and "ARG TORCH_INDEX" in dockerfile
+        for name in re.findall(r"POCKET_TTS_(\w+)=", dockerfile):
+            assert hasattr(srv.Settings(), name.lower()), name
+
+    def test_compose_replicas_share_one_volume_behind_haproxy(self):
+        compose = yaml.safe_load((HERE / "compose.yaml").read_text())
+        tts, proxy = compose["services"]["tts"], compose["services"]["haproxy"]
+        assert tts["deploy"]["replicas"] >= 2 and tts["volumes"] == ["shared:/data"]
+        assert "shared" in compose["volumes"]
+        assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in proxy["volumes"]
+        assert "server-template tts" in (HERE / "deploy" / "haproxy.cfg").read_text()
+        if HAPROXY:
+            checked = subprocess.run([HAPROXY, "-c", "-f", str(HERE / "deploy" / "haproxy.cfg")],
+                                     capture_output=True, text=True)  # fmt: skip
+            assert checked.returncode == 0, checked.stderr
+
+    def test_kubernetes_probes_volume_and_autoscaler_name_what_the_server_serves(self, stub):
+        docs = {d["kind"]: d for d in yaml.safe_load_all(
+            (HERE / "deploy" / "kubernetes.yaml").read_text())}  # fmt: skip
+        assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+        pod = docs["Deployment"]["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
+        assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+        labels = docs["Deployment"]["spec"]["selector"]["matchLabels"]
+        assert docs["Service"]["spec"]["selector"] == labels
+        client = make_server(stub).app.test_client()  # the paths and metric names exist
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert client.get(container[probe]["httpGet"]["path"]).status_code == 200
+        exposed = client.get("/metrics").get_data(as_text=True)
+        for metric in docs["HorizontalPodAutoscaler"]["spec"]["metrics"]:
+            assert f"\n{metric['pods']['metric']['name']} " in exposed
+        for env in container["env"]:
+            assert hasattr(srv.Settings(), env["name"].removeprefix("POCKET_TTS_").lower())
 
 
 # =================================================================================================
