@@ -5152,6 +5152,14 @@ class TestReplicas:
 
     @staticmethod
     def check_shared_voices(replicas: Replicas):
+        def looked_up(replicas) -> dict[str, float]:
+            """Voice-state lookups of all replicas, by where the state came from."""
+            values = [scrape(url) for url in replicas.urls]
+            return {result: sum(v.get(("pocket_tts_voice_cache_lookups_total",
+                                       ("result", result)), 0) for v in values)
+                    for result in ("memory", "disk", "encoded")}  # fmt: skip
+
+        before = looked_up(replicas)
         files = {"file": ("v.wav", wav_bytes(220, seconds=2.0))}
         r = requests.post(f"{replicas.url}/v1/voices", data={"name": "Shared"}, files=files,
                           timeout=60)  # fmt: skip
@@ -5160,6 +5168,9 @@ class TestReplicas:
             assert "Shared" in {v["id"] for v in requests.get(f"{url}/v1/voices").json()["data"]}
             spoken = post_json(url, {"input": "Hi.", "voice": "Shared", "response_format": "wav"})
             assert spoken.status_code == 200 and duration(spoken.content) > 0.1
+        after = looked_up(replicas)  # one encoding, then one shared cache entry read
+        assert after["encoded"] - before["encoded"] == 1  # by the replica that took the upload
+        assert after["disk"] - before["disk"] >= 2  # the two others found it on the volume
 
         recording = wav_bytes(260, seconds=2.0)  # made once: the helper's file is shared
 
