@@ -3394,10 +3394,11 @@ class AudioEncoder:
         return self.sink.take() if self.streaming else b""
 
     def close(self):
-        """Release FFmpeg resources after an aborted stream."""
-        if self.container is not None:
+        """Release FFmpeg's resources (after `finish`, or of an aborted stream); idempotent."""
+        container, self.container = self.container, None
+        if container is not None:
             with contextlib.suppress(Exception):  # a half-written container: best effort
-                self.container.close()
+                container.close()
 
 
 # =================================================================================================
@@ -3988,35 +3989,38 @@ class SpeechServer:
             stop.set()
             release()
 
-        timer = threading.Timer(self.settings.request_timeout, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            for samples in audio:
-                if gone():
-                    raise ClientGone
-                if stop.is_set():  # the deadline passed
-                    break
-                data = encoder.encode(samples)
-                if data:
-                    yield data
-        except ClientGone:
-            if not req.stream:
-                raise
-            return  # nobody is listening: no file to finish
-        except Exception:
-            if not req.stream:
-                raise
-            # Headers are gone: log, and end the file cleanly with the audio made so far.
-            logger.exception("synthesis failed after the response started")
+        try:  # an encoder left unfinished (the client left) is closed, not left to the GC
+            timer = threading.Timer(self.settings.request_timeout, expire)
+            timer.daemon = True
+            timer.start()
+            try:
+                for samples in audio:
+                    if gone():
+                        raise ClientGone
+                    if stop.is_set():  # the deadline passed
+                        break
+                    data = encoder.encode(samples)
+                    if data:
+                        yield data
+            except ClientGone:
+                if not req.stream:
+                    raise
+                return  # nobody is listening: no file to finish
+            except Exception:
+                if not req.stream:
+                    raise
+                # Headers are gone: log, and end the file cleanly with the audio made so far.
+                logger.exception("synthesis failed after the response started")
+            finally:
+                timer.cancel()
+                stop.set()  # a client that hung up closes this generator: stop generating
+                audio.close()
+                release()  # the model is free for the next request while the last bytes leave
+                if usage is not None:
+                    usage["samples"] = encoder.samples_in
+            yield encoder.finish()
         finally:
-            timer.cancel()
-            stop.set()  # a client that hung up closes this generator: stop generating for nobody
-            audio.close()
-            release()  # the model is free for the next request while the last bytes leave
-            if usage is not None:
-                usage["samples"] = encoder.samples_in
-        yield encoder.finish()
+            encoder.close()
 
     def sse_events(self, script: list, voice_state, req: SpeechRequest, gone, release):
         """OpenAI's speech SSE stream: audio deltas, then a done event with usage, then [DONE]."""
@@ -4235,6 +4239,33 @@ class SpeechServer:
 
 class ProtocolServerError(RuntimeError):
     """A protocol's server (Wyoming, the voice-agent WebSockets) could not start."""
+
+
+class LoopThread:
+    """An asyncio event loop on a thread of its own, with a pool of threads for the Engine's
+    blocking calls (a stream waiting for a place holds one). `stop` ends the loop, joins its
+    thread and shuts the pool down."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.pool = concurrent.futures.ThreadPoolExecutor(64, name)
+        self.loop.set_default_executor(self.pool)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine, timeout: float = 10.0):
+        """Run `coroutine` on the loop and wait for its result."""
+        return self.submit(coroutine).result(timeout=timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def protocol_voice_state(server: SpeechServer, name: str | None):
@@ -4566,39 +4597,47 @@ class WyomingError(ProtocolServerError):
     """The Wyoming server could not start."""
 
 
-def start_wyoming(server: SpeechServer, host: str, port: int, zeroconf: bool = False) -> int:
-    """Serve Wyoming on a background event loop; return the bound port."""
-    from wyoming.server import AsyncTcpServer
+class WyomingServer:
+    """Wyoming on an event loop thread of its own, announced over mDNS if asked; `close` stops
+    the listening socket, the announcement, the loop and its threads."""
 
-    loop = asyncio.new_event_loop()
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(64, "wyoming"))
-    tcp = AsyncTcpServer(host, port)
+    def __init__(self, server: SpeechServer, host: str, port: int, zeroconf: bool = False):
+        from wyoming.server import AsyncTcpServer
 
-    sessions: set[WyomingSession] = set()
-    raise_open_files_limit(2 * server.settings.max_connections + 64)  # HTTP's and Wyoming's
+        self.loop, self.sessions = LoopThread("wyoming"), set()
+        self.tcp, self.zeroconf = AsyncTcpServer(host, port), None
+        raise_open_files_limit(2 * server.settings.max_connections + 64)  # HTTP's and Wyoming's
 
-    def handler(reader, writer):
-        return WyomingSession(server, reader, writer, sessions).handler
+        def handler(reader, writer):
+            return WyomingSession(server, reader, writer, self.sessions).handler
 
-    threading.Thread(target=loop.run_forever, name="wyoming", daemon=True).start()
-    try:
-        asyncio.run_coroutine_threadsafe(tcp.start(handler), loop).result(timeout=10)
-    except (OSError, concurrent.futures.TimeoutError) as exc:
-        loop.call_soon_threadsafe(loop.stop)
-        raise WyomingError(f"the Wyoming port {host}:{port} cannot be opened ({exc}).") from None
-    bound = tcp._server.sockets[0].getsockname()[1]
-    if zeroconf:
-        from zeroconf.asyncio import AsyncZeroconf
+        try:
+            self.loop.run(self.tcp.start(handler))
+        except (OSError, concurrent.futures.TimeoutError) as exc:
+            self.loop.stop()
+            raise WyomingError(
+                f"the Wyoming port {host}:{port} cannot be opened ({exc})."
+            ) from None
+        self.port = self.tcp._server.sockets[0].getsockname()[1]
+        if zeroconf:
+            from zeroconf.asyncio import AsyncZeroconf
 
-        address = (
-            host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
-        )
-        info = wyoming_service_info(bound, address)
-        asyncio.run_coroutine_threadsafe(AsyncZeroconf().async_register_service(info), loop)
-    logger.info(
-        "Wyoming on tcp://%s:%d%s", host, bound, " (announced over mDNS)" if zeroconf else ""
-    )
-    return bound
+            address = (
+                host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
+            )
+            self.zeroconf = AsyncZeroconf()
+            self.loop.submit(self.zeroconf.async_register_service(wyoming_service_info(
+                self.port, address)))  # fmt: skip
+        logger.info("Wyoming on tcp://%s:%d%s", host, self.port,
+                    " (announced over mDNS)" if zeroconf else "")  # fmt: skip
+
+    def close(self):
+        if self.zeroconf is not None:
+            with contextlib.suppress(Exception):
+                self.loop.run(self.zeroconf.async_close())
+        with contextlib.suppress(Exception):
+            self.loop.run(self.tcp.stop())
+        self.loop.stop()
 
 
 # =================================================================================================
@@ -5113,15 +5152,11 @@ class AgentServer:
     def __init__(self, server: SpeechServer, host: str, port: int, tls=None):
         self.server, self.sessions = server, set()
         self.limit = server.settings.max_body_kb * 1024
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(64, "websocket"))
-        self.thread = threading.Thread(target=self.loop.run_forever, name="websocket", daemon=True)
-        self.thread.start()
+        self.loop = LoopThread("websocket")
         try:
-            future = asyncio.run_coroutine_threadsafe(self.start(host, port, tls), self.loop)
-            self.ws_server = future.result(timeout=10)
+            self.ws_server = self.loop.run(self.start(host, port, tls))
         except (OSError, concurrent.futures.TimeoutError) as exc:
-            self.stop_loop()
+            self.loop.stop()
             message = f"the WebSocket port {host}:{port} cannot be opened ({exc})."
             raise ProtocolServerError(message) from None
         self.port = next(iter(self.ws_server.sockets)).getsockname()[1]
@@ -5207,15 +5242,11 @@ class AgentServer:
         self.ws_server.close()
         await self.ws_server.wait_closed()
 
-    def stop_loop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-
     def close(self):
         """Close the listening socket and every connection, then stop the loop's thread."""
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self.stop(), self.loop).result(timeout=10)
-        self.stop_loop()
+            self.loop.run(self.stop())
+        self.loop.stop()
 
 
 # =================================================================================================
@@ -5323,16 +5354,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, VoiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    http, agents = http_server(server.app, settings), None
+    http, protocols = http_server(server.app, settings), []
     try:
         if settings.wyoming_port:
             host = settings.wyoming_host or settings.host
-            start_wyoming(server, host, settings.wyoming_port, settings.wyoming_zeroconf)
+            protocols.append(WyomingServer(server, host, settings.wyoming_port,
+                                           settings.wyoming_zeroconf))  # fmt: skip
         if settings.ws_port:
             host = settings.ws_host or settings.host
-            agents = AgentServer(server, host, settings.ws_port, agent_tls(settings))
+            protocols.append(AgentServer(server, host, settings.ws_port, agent_tls(settings)))
     except ProtocolServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        for protocol in protocols:
+            protocol.close()
         http.close()
         server.engine.close()
         return 2
@@ -5347,9 +5381,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: drain_then_exit(http, server, settings.drain_seconds))
     with contextlib.suppress(KeyboardInterrupt):
         http.run()
-    http.close()
-    if agents is not None:
-        agents.close()
+    close_http(http)
+    for protocol in protocols:  # every thread and socket started is stopped
+        protocol.close()
     server.engine.close()
     return 0
 
@@ -5447,6 +5481,13 @@ def stop_serving(http):
 
     with contextlib.suppress(OSError):
         http.trigger.pull_trigger(close_all)
+
+
+def close_http(http):
+    """After `http.run()` returned: stop waitress's worker threads (its own run() does so only
+    on KeyboardInterrupt) and close its trigger."""
+    http.task_dispatcher.shutdown()
+    http.close()
 
 
 def drain_then_exit(http, server: SpeechServer, seconds: float):

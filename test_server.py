@@ -387,6 +387,7 @@ class LiveServer:
         srv.stop_serving(self.server)
         self.thread.join(timeout=10)
         assert not self.thread.is_alive() and not self.server._map
+        srv.close_http(self.server)
 
 
 @pytest.fixture
@@ -4079,7 +4080,9 @@ class TestWyoming:
 
     @pytest.fixture(scope="class")
     def port(self, real):
-        return srv.start_wyoming(real.server, "127.0.0.1", 0)
+        wyoming = srv.WyomingServer(real.server, "127.0.0.1", 0)
+        yield wyoming.port
+        wyoming.close()
 
     def http_pcm_seconds(self, real, text: str) -> float:
         r = post_json(real.url, {"input": text, "response_format": "pcm"})
@@ -4389,7 +4392,7 @@ class TestWyoming:
             held.listen()
             t0 = time.monotonic()
             with pytest.raises(srv.WyomingError, match="cannot be opened"):
-                srv.start_wyoming(real.server, "127.0.0.1", held.getsockname()[1])
+                srv.WyomingServer(real.server, "127.0.0.1", held.getsockname()[1])
         assert time.monotonic() - t0 < 10
 
     def test_a_full_server_answers_busy(self, real, port, monkeypatch):
@@ -5022,6 +5025,7 @@ class TestMetrics:
             assert answer.status_code == 503 and answer.json()["reason"] == "draining"
         finally:
             live.thread.join(timeout=10)
+            srv.close_http(live.server)
         assert not live.thread.is_alive()  # drained, then it stopped serving
 
     def test_metrics_key_and_the_api_key(self, stub):
@@ -5245,6 +5249,44 @@ class TestReplicas:
         assert wait_for(lambda: victim in replicas.up(), timeout=60)
         print(f"killed replica out of the balancer after {out[0]:.1f} s; rejoined "
               f"{time.monotonic() - restarted:.1f} s after its restart")  # fmt: skip
+
+
+class TestLifecycle:
+    def test_twenty_servers_built_and_shut_down_leak_no_thread_or_descriptor(self, stub, tmp_path):
+        """Issue #24: every thread, socket and encoder a server starts (the scheduler and its
+        Mimi thread, waitress, Wyoming's and the WebSockets' loops and pools) is stopped or closed
+        on shutdown; a stream cut short closes its encoder."""
+
+        def one_server():
+            settings = srv.Settings(model_path="stub", voices_dir=str(tmp_path / "voices"),
+                                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+            speech = srv.build_server(settings, model=stub, steps=StubSteps(stub))
+            live = LiveServer(speech.app, settings)
+            protocols = [srv.WyomingServer(speech, "127.0.0.1", 0),
+                         srv.AgentServer(speech, "127.0.0.1", 0)]  # fmt: skip
+            cut = raw_request(live.url, {"input": LONG_TEXT, "stream": True})
+            assert cut.recv(4096)
+            cut.close()  # a client that leaves mid-stream
+            r = post_json(live.url, {"input": "Hello.", "response_format": "mp3"})
+            assert r.status_code == 200
+            live.close()
+            for protocol in protocols:
+                protocol.close()
+            speech.engine.close()
+
+        def descriptors() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        one_server()  # first use: imports, lazily made pools and caches
+        gc.collect()
+        threads, fds = threading.active_count(), descriptors()
+        for _ in range(20):
+            one_server()
+        gc.collect()
+        assert wait_for(lambda: threading.active_count() <= threads, timeout=10), [
+            t.name for t in threading.enumerate()
+        ]
+        assert descriptors() <= fds + 2, os.listdir("/proc/self/fd")
 
 
 class TestDeployRecipes:
