@@ -1891,17 +1891,17 @@ def mimi_positions(model, frames: int) -> int:
     return steps * frames if context is None else min(steps * frames, context + steps)
 
 
-def row_capacity(model) -> tuple[int, int]:
-    """Positions the longest row needs, at pocket-tts's limits: (FlowLM, frames generated).
+def row_capacity(model, reference_seconds: float = MAX_REFERENCE_SECONDS) -> tuple[int, int]:
+    """Positions the longest row needs: (FlowLM, frames generated).
 
-    FlowLM holds the voice prompt (up to 30 s), the text (up to a chunk's tokens) and the
-    frames; Mimi only the frames (`mimi_positions`). A longer voice state (a .safetensors voice)
-    grows them.
+    FlowLM holds the voice prompt (up to --max_reference_seconds), the text (up to a chunk's
+    tokens) and the frames; Mimi only the frames (`mimi_positions`). A longer voice state (a
+    .safetensors voice) grows them.
     """
     from pocket_tts.default_parameters import MAX_TOKEN_PER_CHUNK
 
     frames = model._estimate_max_gen_len(MAX_TOKEN_PER_CHUNK) + 2
-    prompt = math.ceil(MAX_REFERENCE_SECONDS * model.config.mimi.frame_rate)
+    prompt = math.ceil(reference_seconds * model.config.mimi.frame_rate)
     return prompt + MAX_TOKEN_PER_CHUNK + frames, frames
 
 
@@ -2279,10 +2279,11 @@ class PocketSteps:
     others wait. Another model plugs in by offering the same methods.
     """
 
-    def __init__(self, model, precision: str = "auto"):
+    def __init__(self, model, precision: str = "auto",
+                 reference_seconds: float = MAX_REFERENCE_SECONDS):  # fmt: skip
         import torch
 
-        self.model = model
+        self.model, self.reference_seconds = model, reference_seconds
         self.device = next(model.flow_lm.parameters()).device
         self.frame_seconds = 1.0 / model.config.mimi.frame_rate
         self.min_frames_before_eos = model._MIN_FRAMES_BEFORE_EOS
@@ -2290,7 +2291,7 @@ class PocketSteps:
         self.mimi_steps = decoder_steps(model)
         # Regions are as long as a sentence can be from the start: growing them while streams
         # run copies them, and every stream stalls for it (measured: 1 s for 16 slots).
-        length, frames = row_capacity(model)
+        length, frames = row_capacity(model, reference_seconds)
         self.flow = Regions(model.flow_lm.transformer.layers, 1, length, self.device,
                             torch.float32)  # fmt: skip
         self.mimi = Regions(model.mimi.decoder_transformer.transformer.layers, 1,
@@ -2407,7 +2408,8 @@ class PocketSteps:
     def prepare(self, slots: int):
         """Before calibration: on a GPU, arrays for `slots` rows and their CUDA graphs."""
         if self.device.type == "cuda":
-            self._make_room(slots, self.flow.length, row_capacity(self.model)[1], used=0)
+            frames = row_capacity(self.model, self.reference_seconds)[1]
+            self._make_room(slots, self.flow.length, frames, used=0)
             self.make_graphs()
 
     def idle(self):
@@ -2460,15 +2462,16 @@ class PocketSteps:
         self.mimi_state = bigger
 
 
-def pocket_steps(model, precision: str = "auto") -> PocketSteps | None:
-    """The batched steps of a pocket-tts model at --precision `precision`; None (one stream per
-    request, float32) where its internals changed."""
+def pocket_steps(model, precision: str = "auto", reference_seconds: float = MAX_REFERENCE_SECONDS):
+    """The batched steps (PocketSteps) of a pocket-tts model at --precision `precision`, room for
+    voice prompts of `reference_seconds`; None (one stream per request, float32) where its
+    internals changed."""
     missing = check_internals(model)
     if missing:
         logger.warning("pocket-tts internals changed (%s): generating one stream at a time per "
                        "request, without batching", ", ".join(missing))  # fmt: skip
         return None
-    return PocketSteps(model, precision)
+    return PocketSteps(model, precision, reference_seconds)
 
 
 # -- admission ----------------------------------------------------------------------------------
@@ -5282,7 +5285,8 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
 
     steps: the model's batched steps (by default `pocket_steps`: pocket-tts's, or None)."""
     model = load_model(settings) if model is None else model
-    steps = pocket_steps(model, settings.precision) if steps is None else steps
+    if steps is None:  # its regions hold the longest voice prompt a request may bring
+        steps = pocket_steps(model, settings.precision, settings.max_reference_seconds)
     cache_root = Path(settings.cache_dir) if settings.cache_dir else user_dir("cache")
     fingerprint = model_fingerprint(model, settings.model_path)  # voices are encoded in float32
     latents = cache_root / "latents" / fingerprint

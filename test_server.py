@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -3421,6 +3422,14 @@ class TestBatching:
         assert estimate({2: 0.05}, 1) == 0.05
         assert estimate({2: 0.05}, 4) == pytest.approx(0.05 * (1 + 0.5))  # a guess
         assert estimate({}, 3) is None
+
+    def test_regions_hold_the_longest_voice_prompt_allowed(self, real):
+        """Issue #24: the KV regions were sized for 30 s prompts whatever
+        --max_reference_seconds said; a longer limit grew them under running streams."""
+        frame_rate = real.model.config.mimi.frame_rate
+        default = srv.PocketSteps(real.model, "float32").flow.length
+        longer = srv.PocketSteps(real.model, "float32", reference_seconds=45).flow.length
+        assert longer - default == math.ceil(45 * frame_rate) - math.ceil(30 * frame_rate)
 
     def test_default_batch_fits_in_half_the_free_memory(self, real, monkeypatch):
         """A slot is the KV regions of the longest sentence; a small device gets fewer slots."""
