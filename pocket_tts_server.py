@@ -254,6 +254,11 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     return settings
 
 
+def max_body_bytes(settings: Settings) -> int:
+    """The largest request body: an upload (or a JSON body), plus multipart overhead."""
+    return max(settings.max_upload_mb * 1024, settings.max_body_kb) * 1024 + 64 * 1024
+
+
 # =================================================================================================
 # Metrics: what Prometheus scrapes at /metrics
 # =================================================================================================
@@ -438,15 +443,6 @@ def builtin_voice_names(model) -> list[str]:
     return list(_ORIGINS_OF_PREDEFINED_VOICES)
 
 
-def model_language(model) -> str:
-    """The language of the loaded model, from its config name ("german_24l" -> "german")."""
-    stem = Path(str(getattr(model, "origin", "") or "")).stem.lower()
-    for language in ("english", "french", "german", "spanish", "italian", "portuguese", "dutch"):
-        if language in stem:
-            return language
-    return "english"
-
-
 # =================================================================================================
 # Text normalization
 # =================================================================================================
@@ -518,6 +514,14 @@ LANGUAGES = {
         ordinal_suffix=r"ste|de|e"),
 }
 # fmt: on
+
+
+def model_language(model) -> str:
+    """The language of the loaded model, from its config name ("german_24l" -> "german")."""
+    stem = Path(str(getattr(model, "origin", "") or "")).stem.lower()
+    return next((language for language in LANGUAGES if language in stem), "english")
+
+
 CURRENCY_SYMBOLS = {"$": "USD", "€": "EUR", "£": "GBP", "¥": "JPY"}
 UNICODE_PUNCTUATION = str.maketrans(
     {"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"',
@@ -1146,6 +1150,7 @@ class VoiceCatalog:
         self.voices_dir = voices_dir
         self.voice_map = dict(OPENAI_VOICE_MAP if voice_map is None else voice_map)
         self.allow_remote = allow_remote
+        self.default: VoiceSource | None = None  # resolving it looks voices up: none yet
         self.default = self.resolve_default(default_voice, language)
 
     def resolve_default(self, name: str | None, language: str) -> VoiceSource:
@@ -1197,9 +1202,8 @@ class VoiceCatalog:
         if allow_paths and Path(key).is_absolute():
             path = check_voice_path(Path(key), self.voices_dir)
             return VoiceSource("file", str(path), path.stem)
-        default = getattr(self, "default", None)  # a default given as a path, by the name listed
-        if default is not None and key.lower() == default.name.lower():
-            return default
+        if self.default is not None and key.lower() == self.default.name.lower():
+            return self.default  # a default given as a path, by the name it is listed under
         raise VoiceNotFound(
             f"Voice {key!r} is not available. Available voices: {', '.join(self.names())}; "
             "or an absolute path to an audio file on the server."
@@ -4310,8 +4314,6 @@ async def engine_audio(engine: Engine, script: list, state, stop: threading.Even
 # Wyoming protocol (Home Assistant's voice pipelines), served beside HTTP by the same Engine
 # =================================================================================================
 
-LANGUAGE_CODES = {"english": "en", "french": "fr", "german": "de", "spanish": "es",
-                  "italian": "it", "portuguese": "pt", "dutch": "nl"}  # fmt: skip
 SENTENCE_END = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"')\]]))\s+")  # space after a sentence
 
 
@@ -4331,7 +4333,7 @@ def wyoming_info(server: SpeechServer):
     """The `info` answer: one TTS program and its voices, each with its language."""
     from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
-    language = LANGUAGE_CODES.get(server.language, "en")
+    language = LANGUAGES.get(server.language, LANGUAGES["english"]).code
     kyutai = Attribution(name="Kyutai", url="https://github.com/kyutai-labs/pocket-tts")
     default = server.voices.default.name
 
@@ -5293,11 +5295,10 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
     voices_dir = Path(settings.voices_dir) if settings.voices_dir else user_dir("data") / "voices"
     remove_leftovers(latents)  # a kill -9 mid-write leaves these
     remove_leftovers(voices_dir)
-    settings.max_batch = settings.max_batch or default_max_batch(steps)
     engine = Engine(
         model,
         LatentCache(latents, settings.voice_cache_size),
-        settings.max_batch,
+        settings.max_batch or default_max_batch(steps),  # Settings stay as the operator set them
         settings.max_queue,
         settings.queue_timeout,
         settings.max_reference_seconds,
@@ -5358,7 +5359,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, VoiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    http, protocols = http_server(server.app, settings), []
+    http, protocols = http_server(server.app, settings, server.engine.max_batch), []
     try:
         if settings.wyoming_port:
             host = settings.wyoming_host or settings.host
@@ -5427,7 +5428,7 @@ class JsonErrorChannel(HTTPChannel):
     error_task_class = JsonErrorTask
 
 
-def http_server(app, settings: Settings, **overrides):
+def http_server(app, settings: Settings, streams: int = 0, **overrides):
     """waitress serving `app`, every limit set deliberately.
 
     Reading requests is asynchronous, so idle and slow clients hold a connection but no thread:
@@ -5439,7 +5440,8 @@ def http_server(app, settings: Settings, **overrides):
     options = {
         "host": settings.host,
         "port": settings.port,
-        "threads": (settings.max_batch or 16) + settings.max_queue + 8,  # waiting ones hold one
+        # a thread per stream (`streams`: the Engine's max_batch), per waiting one, and a few
+        "threads": (streams or settings.max_batch or 16) + settings.max_queue + 8,
         "channel_request_lookahead": 1,  # keep reading sockets, so hang-ups are seen at once
         "connection_limit": settings.max_connections,
         "channel_timeout": settings.idle_timeout,
@@ -5453,11 +5455,6 @@ def http_server(app, settings: Settings, **overrides):
     server = waitress.server.create_server(app, **options)
     server.channel_class = JsonErrorChannel
     return server
-
-
-def max_body_bytes(settings: Settings) -> int:
-    """The largest request body: an upload (or a JSON body), plus multipart overhead."""
-    return max(settings.max_upload_mb * 1024, settings.max_body_kb) * 1024 + 64 * 1024
 
 
 def raise_open_files_limit(wanted: int):

@@ -2088,7 +2088,7 @@ class TestLoad:
         stub.frame_delay = 0.002
         server = make_server(stub, max_batch=2, max_queue=4)
         live = LiveServer(
-            server.app, threads=server.settings.max_batch + server.settings.max_queue + 8
+            server.app, threads=server.engine.max_batch + server.settings.max_queue + 8
         )
         text = "Hello world. This is a test."
         want = expected_seconds(stub, server.engine, text)
@@ -2335,7 +2335,7 @@ class TestEngine:
         with Retry-After at once."""
         stub.encode_delay = 0.2
         server = make_server(stub, voices_dir=str(voices_dir), max_batch=4, max_queue=4)
-        threads = server.settings.max_batch + server.settings.max_queue + 8  # as production
+        threads = server.engine.max_batch + server.settings.max_queue + 8  # as production
         live = LiveServer(server.app, threads=threads)
         statuses, health = [], []
 
