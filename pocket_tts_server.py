@@ -916,6 +916,11 @@ class VoiceNotFound(VoiceError):
     """No voice has that name."""
 
 
+def voice_error_code(exc: VoiceError) -> str:
+    """The error code every protocol gives a voice that cannot be used."""
+    return "voice_not_found" if isinstance(exc, VoiceNotFound) else "invalid_value"
+
+
 @dataclass(frozen=True)
 class VoiceSource:
     """What a voice name resolved to: a built-in, a reference recording, a state file or a URL."""
@@ -3046,6 +3051,32 @@ class Engine:
 
     # -- voices -----------------------------------------------------------------------------------
 
+    def use_voices(self, catalog: VoiceCatalog):
+        """The voices that protocols name; the default's state is kept, should its file vanish."""
+        self.catalog = catalog
+        self.default_state = self.voice_state(catalog.default)
+
+    def voice(self, name: str | None):
+        """The state of a voice by name, for every protocol (each maps VoiceError, with
+        `voice_error_code`, to its own wire format)."""
+        return self.load_voice(self.catalog.resolve(name), name)
+
+    def load_voice(self, source: VoiceSource, name: str | None = None):
+        """The state of a resolved voice: a default whose file went away keeps its start-up
+        state; an OpenAI name whose voice fails speaks as the default. VoiceError otherwise."""
+        try:
+            return self.voice_state(source)
+        except VoiceError as exc:
+            if source != self.catalog.default:
+                raise
+            logger.warning("default voice unavailable (%s); using its start-up state", exc)
+            return self.default_state
+        except Exception:
+            if name and name.strip().lower() in self.catalog.voice_map:
+                logger.exception("voice %r failed; using the default voice", name)
+                return self.voice_state(self.catalog.default)
+            raise
+
     def voice_state(self, source: VoiceSource):
         """The conditioned model state of a voice (`VoiceStates.get`), checked against the model:
         one that does not fit is the request's VoiceError, never a failure inside the batch."""
@@ -3673,7 +3704,6 @@ class SpeechServer:
         self.voices = voices
         self.device = str(getattr(engine.model, "device", "cpu"))
         self.language = model_language(engine.model)
-        self.default_state = engine.voice_state(voices.default)  # kept, should its file vanish
         self.naming = threading.Lock()  # voice names are claimed one upload at a time
         self.draining = False  # set on SIGTERM: /ready says 503
         self.cors = {o.strip().rstrip("/") for o in (settings.cors_origins or "").split(",")} - {""}
@@ -3960,23 +3990,14 @@ class SpeechServer:
         try:
             return self.voices.resolve(name)
         except VoiceError as exc:
-            code = "voice_not_found" if isinstance(exc, VoiceNotFound) else "invalid_value"
-            raise invalid("voice", str(exc), code) from None
+            raise invalid("voice", str(exc), voice_error_code(exc)) from None
 
     def load_voice(self, source: VoiceSource, name: str | None):
-        """Encode the requested voice; client mistakes become a 400 on `voice`."""
+        """The Engine's state of the requested voice; client mistakes are a 400 on `voice`."""
         try:
-            return self.engine.voice_state(source)
+            return self.engine.load_voice(source, name)
         except VoiceError as exc:
-            if source == self.voices.default:  # its file went away: keep the state from start-up
-                logger.warning("default voice unavailable (%s); using its start-up state", exc)
-                return self.default_state
             raise invalid("voice", str(exc)) from None
-        except Exception:
-            if name and name.strip().lower() in self.voices.voice_map:
-                logger.exception("voice %r failed; using the default voice", name)
-                return self.engine.voice_state(self.voices.default)
-            raise
 
     def audio_chunks(self, script: list, voice_state, req: SpeechRequest, gone, release,
                      usage=None):  # fmt: skip
@@ -4239,9 +4260,9 @@ class SpeechServer:
 # =================================================================================================
 # Other protocols: the Engine from an event loop
 # =================================================================================================
-# Wyoming and the voice-agent WebSockets run on asyncio; the Engine blocks. These two helpers are
-# what they share: a voice by name (errors as HTTP's ApiError, which each maps to its own wire
-# format), and audio chunks awaited one by one on the loop's thread pool.
+# Wyoming and the voice-agent WebSockets run on asyncio; the Engine blocks. They take voices by
+# name from the Engine (`Engine.voice`, run on the loop's thread pool; a VoiceError is each
+# protocol's to tell), and audio chunk by chunk through `engine_audio`, on a LoopThread.
 
 
 class ProtocolServerError(RuntimeError):
@@ -4273,14 +4294,6 @@ class LoopThread:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if not self.thread.is_alive():
             self.loop.close()
-
-
-def protocol_voice_state(server: SpeechServer, name: str | None):
-    """The state of a voice by name, the default also by its own name (listed so even when it
-    was given as a path). Raises ApiError (unknown voice, a file that does not decode)."""
-    default = server.voices.default
-    source = default if name == default.name else server.voice_source(name)
-    return server.load_voice(source, name)
 
 
 async def engine_audio(engine: Engine, script: list, state, stop: threading.Event, gone=None):
@@ -4528,11 +4541,10 @@ class WyomingSession:
             return await self.too_long()
         script = speech_script(text, server.language)
         speaks = any(isinstance(part, str) for part in script)
-        try:  # the same resolution and loading as HTTP, errors as Wyoming `error` events
-            load = functools.partial(protocol_voice_state, server, voice)
-            state = await loop.run_in_executor(None, load) if speaks else None
-        except ApiError as exc:
-            return await self.error(exc.message, exc.code)
+        try:  # the Engine's voices, errors as Wyoming `error` events
+            state = await loop.run_in_executor(None, server.engine.voice, voice) if speaks else None
+        except VoiceError as exc:
+            return await self.error(str(exc), voice_error_code(exc))
         except Busy as exc:
             return await self.error(str(exc), "busy")
         rate, stop = server.engine.sample_rate, threading.Event()
@@ -4904,14 +4916,16 @@ class AgentSession:
             await self.ws.close(1008, "the client stopped reading")
 
     async def open_context(self, key, voice: str | None, wire: WireFormat, schedule=None):
-        """A context with its voice loaded; ApiError (unknown voice, too many contexts) is the
-        caller's to tell."""
+        """A context with its voice loaded; ContextFailed (an unusable voice, too many
+        contexts) is the caller's to tell."""
         if len(self.contexts) >= MAX_CONTEXTS:
             message = f"At most {MAX_CONTEXTS} contexts may be open on one socket."
-            raise ApiError(400, message, code="too_many_contexts")
+            raise ContextFailed(message, "too_many_contexts")
         loop = asyncio.get_running_loop()
-        load = functools.partial(protocol_voice_state, self.server, voice)
-        state = await loop.run_in_executor(None, load)
+        try:
+            state = await loop.run_in_executor(None, self.server.engine.voice, voice)
+        except VoiceError as exc:
+            raise ContextFailed(str(exc), voice_error_code(exc)) from None
         context = SpeechContext(self.server, key, state, wire, self, schedule)
         self.contexts[key] = context
         return context
@@ -4976,11 +4990,11 @@ class GradiumSession(AgentSession):
             wire = wire_format(message.get("output_format", "pcm"), self.default_rate)
             voice = message.get("voice_id") or message.get("voice")
             await self.open_context(key, voice if isinstance(voice, str) else None, wire)
-        except ValueError as exc:
-            await self.error(str(exc), "bad_setup", key)
+        except ContextFailed as exc:  # an unusable voice, too many requests on the socket
+            await self.error(str(exc), exc.code, key)
             return
-        except ApiError as exc:
-            await self.error(exc.message, exc.code or "bad_setup", key)
+        except ValueError as exc:  # the output format
+            await self.error(str(exc), "bad_setup", key)
             return
         if message.get("close_ws_on_eos") is False:
             self.close_on_eos = False
@@ -5073,8 +5087,8 @@ class ElevenLabsSession(AgentSession):
             schedule = tuple(max(1, n) for n in wanted) if ok else AGENT_SCHEDULE
         try:
             return await self.open_context(key, self.voice, self.wire, schedule)
-        except ApiError as exc:
-            await self.error(exc.message, exc.code or "invalid_request", key)
+        except ContextFailed as exc:
+            await self.error(str(exc), exc.code, key)
             return None
 
     async def close_socket(self):
@@ -5314,7 +5328,8 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
         load_voice_map(settings.voice_map),
         settings.allow_remote_voices,
     )
-    engine.warm_up(engine.voice_state(voices.default))  # the first request must not pay for it
+    engine.use_voices(voices)
+    engine.warm_up(engine.default_state)  # the first request must not pay for it
     return SpeechServer(settings, engine, voices)
 
 
