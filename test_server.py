@@ -44,68 +44,24 @@ from hypothesis import strategies as st
 from pocket_tts.models.model_state import _import_model_state, export_model_state
 from pocket_tts.modules.text_conditioner import JsonTokenizer
 from pocket_tts.utils.config import CONFIGS_DIR
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import pocket_tts_server as srv
+from tools.offline_model import (  # shared with bench/: a pocket-tts that runs offline
+    CORPUS,
+    SR,
+    build_tokenizer,
+    random_weight_config,
+    saved_weight_config,
+    tone,
+    write_audio,
+)
 
-SR = 24000
 HERE = Path(__file__).parent
-CORPUS = [
-    "Hello world. This is a test of the speech server, with numbers one two three!",
-    "The quick brown fox jumps over the lazy dog? Yes... it does; really: twice.",
-    "Long inputs are split into sentences, and every sentence must be spoken.",
-]
 
 # =================================================================================================
 # Fixtures: tokenizer, reference audio, stub model, servers
 # =================================================================================================
-
-
-def build_tokenizer(path: Path) -> Path:
-    """A small BPE tokenizer in pocket-tts's style (metaspace words, isolated punctuation)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
-            pre_tokenizers.Split(Regex(r"[.!?,;:]"), behavior="isolated"),
-        ]
-    )
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    alphabet = (
-        [chr(c) for c in range(33, 127)] + ["\u2581"] + list("àâäéèêëïîôöùûüçßñáíóú€£°\u201c\u201d")
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>"], initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(CORPUS * 10, trainer)
-    tok.save(str(path))
-    return path
-
-
-def write_audio(path: Path, samples: np.ndarray, rate: int = SR, codec: str | None = None):
-    """Write float samples ([n] mono or [channels, n]) with PyAV in the format of the suffix."""
-    samples = np.atleast_2d(samples).astype(np.float32)
-    layout = "mono" if samples.shape[0] == 1 else "stereo"
-    codec = codec or {".wav": "pcm_s16le", ".flac": "flac", ".mp3": "libmp3lame"}[path.suffix]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, layout=layout)
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(samples.T.reshape(1, -1)), format="flt", layout=layout
-        )
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
-
-
-def tone(freq: float, seconds: float, rate: int = SR) -> np.ndarray:
-    """A voice-like reference: a tone with a syllable-rate envelope."""
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.4 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))).astype(
-        np.float32
-    )
 
 
 def decode(data: bytes, fmt: str = "auto") -> tuple[np.ndarray, int]:
@@ -3008,24 +2964,6 @@ def same_audio(a: np.ndarray, b: np.ndarray) -> bool:
     return a.size == b.size and np.abs(a - b).max() < AUDIO_RTOL * max(1e-3, np.abs(b).max()) + 1e-6
 
 
-def random_weight_config(tmp: Path, tokenizer: Path, name: str = "english_2m_2026-10") -> Path:
-    """A packaged pocket-tts architecture with no weights, our tokenizer, and EOS disabled."""
-    cfg = yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())
-    for section in (cfg, cfg["flow_lm"], cfg["mimi"]):
-        section.pop("weights_path", None)
-    cfg.pop("weights_path_without_voice_cloning", None)
-    table = cfg["flow_lm"]["lookup_table"]
-    table.update(
-        tokenizer="tokenizers",
-        tokenizer_path=str(tokenizer),
-        n_bins=Tokenizer.from_file(str(tokenizer)).get_vocab_size(),
-    )
-    cfg["default_eos_threshold"] = 1e9  # never stop early: durations follow token counts
-    path = tmp / f"{name}_random.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def free_port() -> int:
     """A loopback port nothing listens on (for a server started as a process)."""
     with socket.socket() as probe:
@@ -5095,21 +5033,6 @@ def loopback_haproxy_config(port: int, servers: list[int]) -> str:
                         "    stats uri /haproxy-stats")  # fmt: skip
     lines = "".join(f"    server r{i} 127.0.0.1:{p} check\n" for i, p in enumerate(servers))
     return re.sub(r"    server-template .*\n", lines, text)
-
-
-def saved_weight_config(tmp: Path, tokenizer: Path) -> Path:
-    """A random-weight 2M architecture whose weights are saved once, so that every replica
-    loads the same model (the latent cache is keyed by the weights)."""
-    from pocket_tts import TTSModel
-    from safetensors.torch import save_file
-
-    config = random_weight_config(tmp, tokenizer)
-    weights = tmp / "weights.safetensors"
-    save_file(TTSModel.load_model(config=str(config)).state_dict(), str(weights))
-    cfg = yaml.safe_load(config.read_text())
-    cfg["weights_path"] = str(weights)
-    config.write_text(yaml.safe_dump(cfg))
-    return config
 
 
 class Replicas:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pocket_tts_server as srv  # noqa: E402
-from test_server import build_tokenizer, random_weight_config, tone, write_audio  # noqa: E402
+from tools.offline_model import build_tokenizer, saved_weight_config, tone, write_audio  # noqa: E402
 
 FORMATS = list(srv.FORMATS)
 TEXT = (
@@ -147,17 +147,7 @@ def library_run(model, state, text: str) -> tuple[float, float, float]:
 def fixed_weight_config(tmp: Path, name: str) -> Path:
     """A random-weight config whose weights are saved once, so every process loads the same ones
     (the latent cache is keyed by the weights: a restart must find its entries again)."""
-    import safetensors.torch
-    import yaml
-    from pocket_tts import TTSModel
-
-    config = random_weight_config(tmp, build_tokenizer(tmp / "tokenizer.json"), name)
-    weights = tmp / "weights.safetensors"
-    safetensors.torch.save_file(TTSModel.load_model(config=str(config)).state_dict(), weights)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["weights_path"] = str(weights)
-    config.write_text(yaml.safe_dump(cfg))
-    return config
+    return saved_weight_config(tmp, build_tokenizer(tmp / "tokenizer.json"), name)
 
 
 def median(values):
