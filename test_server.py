@@ -2455,7 +2455,7 @@ class TestUnbatchedFallback:
 
 
 # =================================================================================================
-# Hardening, round 2: every attack of issue #9, replayed
+# Hostile clients and broken disks: remote voices, slow connections, other sites, voice files
 # =================================================================================================
 
 
@@ -2533,7 +2533,7 @@ def narrator(stub, voices_dir):
     return server.app.test_client()
 
 
-class TestAttacks:
+class TestHostileClientsAndBrokenDisks:
     def test_default_voice_and_mapped_voices_cannot_be_deleted(self, narrator, voices_dir):
         for name in ("narrator", "guest", "NARRATOR.wav"):
             for path in (f"/v1/voices/{name}", f"/v1/audio/voices/{name}"):
@@ -2770,7 +2770,7 @@ class TestAttacks:
         ids=["nul-path", "surrogate-input", "surrogate-voice", "dollar-ones", "4096-digits",
              "long-fraction"],
     )  # fmt: skip
-    def test_inputs_that_used_to_be_500s(self, client, body):
+    def test_pathological_inputs_get_audio_or_a_400(self, client, body):
         """Streamed, and the first audio read: 4,096 digits are minutes of speech (the stub took
         25 s to say them in full); their text is what used to fail, before any audio."""
         r = client.post("/v1/audio/speech", json=body | {"stream": True}, buffered=False)
