@@ -276,8 +276,15 @@ class Metrics:
     `_total`)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
 
+        disable_created_metrics()  # no `_created` series beside each counter and histogram
         self.registry = registry = CollectorRegistry()
         common = {"namespace": "pocket_tts", "registry": registry}
         self.requests = Counter(
