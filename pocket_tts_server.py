@@ -3450,6 +3450,18 @@ class AudioEncoder:
 # HTTP API
 # =================================================================================================
 
+
+def key_given(key: str, *candidates: str | None) -> bool:
+    """Whether any of the `candidates` (header values) is `key`, compared in constant time."""
+    return any(c and hmac.compare_digest(c.strip().encode(), key.encode()) for c in candidates)
+
+
+def bearer(headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, if there is one."""
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
 CORS_EXPOSED = "Retry-After, x-request-id, Content-Disposition"
 OPEN_PATHS = (  # /metrics has a key of its own, --metrics_key
     "/",
@@ -3832,8 +3844,7 @@ class SpeechServer:
             return
         if request.method == "GET" and request.path in DISCOVERY_PATHS:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        if key_given(key, bearer(request.headers)):
             return
         raise ApiError(
             401,
@@ -3891,12 +3902,9 @@ class SpeechServer:
     def metrics(self):
         """Prometheus' text format; behind --metrics_key when it is set."""
         key = self.settings.metrics_key
-        if key:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                      key.encode()):  # fmt: skip
-                message = "/metrics needs the --metrics_key, as 'Authorization: Bearer <key>'."
-                raise ApiError(401, message, code="invalid_api_key")
+        if key and not key_given(key, bearer(request.headers)):
+            message = "/metrics needs the --metrics_key, as 'Authorization: Bearer <key>'."
+            raise ApiError(401, message, code="invalid_api_key")
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(self.engine.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
@@ -5162,10 +5170,7 @@ def agent_key_ok(headers, key: str | None) -> bool:
     Authorization: Bearer."""
     if not key:
         return True
-    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
-    given = [headers.get("xi-api-key"), headers.get("x-api-key"),
-             token if scheme.lower() == "bearer" else None]  # fmt: skip
-    return any(g and hmac.compare_digest(g.strip().encode(), key.encode()) for g in given)
+    return key_given(key, headers.get("xi-api-key"), headers.get("x-api-key"), bearer(headers))
 
 
 class AgentServer:
