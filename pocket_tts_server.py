@@ -4818,7 +4818,7 @@ class SpeechContext:
         self.samples = 0  # at the model's rate, spoken so far: the clock of the timings
         self.queued = self.flushed = 0  # units queued; those before `flushed` are kept on close
         self.speaking: tuple[int, threading.Event] | None = None
-        self.closing = self.ended = False
+        self.closing = self.ended = self.gone = False
         self.task = asyncio.create_task(self.run())
 
     # -- what the protocol calls ----------------------------------------------------------------
@@ -4849,7 +4849,8 @@ class SpeechContext:
             self.queue.put_nowait(None)
 
     def cancel(self):
-        """The client left: stop at once."""
+        """The client left: stop at once (a unit still waiting for a place leaves the queue)."""
+        self.gone = True
         if self.speaking:
             self.speaking[1].set()
         self.task.cancel()
@@ -4889,8 +4890,8 @@ class SpeechContext:
         self.speaking = (index, stop)
         timer = loop.call_later(server.settings.request_timeout, stop.set)
         try:
-            async with contextlib.aclosing(engine_audio(server.engine, script, self.state,
-                                                        stop)) as audio:  # fmt: skip
+            audio = engine_audio(server.engine, script, self.state, stop, lambda: self.gone)
+            async with contextlib.aclosing(audio):
                 async for samples in audio:
                     if asked is not None:
                         seconds, asked = time.monotonic() - asked, None
