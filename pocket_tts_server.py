@@ -4955,6 +4955,11 @@ class AgentSession:
             context.cancel()
         self.contexts.clear()
 
+    async def failed(self, context, exc: ContextFailed):
+        """A context could not go on: it is gone, and its client told in the protocol's words."""
+        self.contexts.pop(context.key, None)
+        await self.error(str(exc), exc.code, context.key)
+
     async def handle(self, message: dict):
         raise NotImplementedError
 
@@ -5038,10 +5043,6 @@ class GradiumSession(AgentSession):
         await self.send(self.tagged({"type": "end_of_stream"}, context.key))
         if self.close_on_eos and not self.contexts:
             await self.ws.close(1000, "end of stream")
-
-    async def failed(self, context, exc: ContextFailed):
-        self.contexts.pop(context.key, None)
-        await self.error(str(exc), exc.code, context.key)
 
     async def error(self, message: str, code: str, key=None):
         """Gradium's error message, then the socket is closed with its code (as Gradium does)."""
@@ -5138,10 +5139,6 @@ class ElevenLabsSession(AgentSession):
         await self.send(self.tagged({"isFinal": True}, context.key))
         if not self.multi or (self.closing and not self.contexts):
             await self.ws.close(1000, "done")
-
-    async def failed(self, context, exc: ContextFailed):
-        self.contexts.pop(context.key, None)
-        await self.error(str(exc), exc.code, context.key)
 
     async def error(self, message: str, code: str, key=None):
         """ElevenLabs' error message; a single-context socket is closed after it."""
