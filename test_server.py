@@ -5704,7 +5704,12 @@ class TestBrowserPage:
         page.click("#generate")
         page.wait_for_function("ui.takes[0].title === 'A third take.'")
         assert page.locator("#results li b").all_inner_texts() == ["A third take.", titles[0]]
+        stored = page.evaluate("shelf.all().then((records) => records.map((r) => r.text))")
+        assert sorted(stored) == sorted(["A third take.", long])
         page.click("#clear-results")
+        # The store's transactions run in order, so this read sees the removal committed; a
+        # reload before that commits would abort it (as closing a tab within a few ms would).
+        assert page.evaluate("shelf.all().then((records) => records.length)") == 0
         page.reload()
         page.wait_for_function("document.querySelectorAll('#voice option').length > 0")
         page.wait_for_timeout(300)  # the stored results, if any, are back by now
