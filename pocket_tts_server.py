@@ -2978,14 +2978,39 @@ class BatchScheduler:
 # -- the Engine: what HTTP, Wyoming and other protocols call --------------------------------------
 
 
+@dataclass(eq=False)
+class Turn:
+    """One request's turn at the model: the place it holds and its audio (float32 chunks).
+
+    `release` (any thread, idempotent: a deadline's timer) stops generation and frees the
+    place; `close` (the thread that iterates `audio`) also closes the audio generator. Every
+    protocol ends a turn with `close`, however it finished."""
+
+    audio: Iterator[np.ndarray]
+    stop: threading.Event
+    free_place: Any  # Admission's idempotent release function
+
+    def release(self):
+        self.stop.set()
+        self.free_place()
+
+    def close(self):
+        self.stop.set()
+        try:
+            self.audio.close()
+        finally:
+            self.free_place()
+
+
 class Engine:
     """Voices, admission and audio: the one API that protocols use.
 
-    A request takes a place (`acquire`) and its voice's state (`voice_state`); then `speak`
-    yields float32 mono numpy chunks at `sample_rate` as the model produces them, stopping early
-    once `stop` is set. With batched steps (`PocketSteps`) every sentence is a row of the
-    BatchScheduler, which alone touches the model's state; a pocket-tts whose internals changed
-    runs its own generate_audio_stream per request instead.
+    A request names its voice (`voice`: its state) and takes a `turn`: a place in the queue,
+    then `speak`, which yields float32 mono numpy chunks at `sample_rate` as the model makes
+    them, stopping early once `stop` is set. With batched steps (`PocketSteps`) every sentence
+    is a row of the BatchScheduler, which alone touches the model's state; a pocket-tts whose
+    internals changed runs its own generate_audio_stream per request instead. HTTP, Wyoming and
+    the WebSockets all speak through `voice` and `turn`, each telling errors its own way.
     """
 
     def __init__(
@@ -3063,14 +3088,14 @@ class Engine:
         self.catalog = catalog
         self.default_state = self.voice_state(catalog.default)
 
-    def voice(self, name: str | None):
+    def voice(self, name: str | None, load: bool = True):
         """The state of a voice by name, for every protocol (each maps VoiceError, with
-        `voice_error_code`, to its own wire format)."""
-        return self.load_voice(self.catalog.resolve(name), name)
-
-    def load_voice(self, source: VoiceSource, name: str | None = None):
-        """The state of a resolved voice: a default whose file went away keeps its start-up
-        state; an OpenAI name whose voice fails speaks as the default. VoiceError otherwise."""
+        `voice_error_code`, to its own wire format). `load=False` only checks the name: words-free
+        input needs no state. A default whose file went away keeps its start-up state; an OpenAI
+        name whose voice fails speaks as the default."""
+        source = self.catalog.resolve(name)
+        if not load:
+            return None
         try:
             return self.voice_state(source)
         except VoiceError as exc:
@@ -3091,6 +3116,15 @@ class Engine:
         if self.steps is not None:
             self.steps.check_voice(state)
         return state
+
+    # -- turns: how every protocol speaks -------------------------------------------------------
+
+    def turn(self, script: list, voice_state, stop: threading.Event, gone=None) -> Turn:
+        """A request's turn: a place in the queue (Busy, or ClientGone once `gone()`; silence
+        alone needs none), then `script`'s audio. The caller ends it with `Turn.close`."""
+        speaks = any(isinstance(part, str) for part in script)
+        release = self.acquire(gone) if speaks else (lambda: None)
+        return Turn(self.speak(script, voice_state, stop), stop, release)
 
     def warm_up(self, voice_state):
         """Generate at start-up (torch's first run on new threads is slow). Batched, that is the
@@ -3969,29 +4003,30 @@ class SpeechServer:
             message = "'input' is too long once its numbers and symbols are written out as words."
             raise invalid("input", message, "string_above_max_length")
         speaks = any(isinstance(part, str) for part in script)
-        source = self.voice_source(self.requested_voice(req))
-        voice_state = self.load_voice(source, req.voice) if speaks else None
+        try:  # the Engine's voices; a client's mistake is a 400 on `voice`
+            voice_state = self.engine.voice(self.requested_voice(req), load=speaks)
+        except VoiceError as exc:
+            raise invalid("voice", str(exc), voice_error_code(exc)) from None
         fmt = FORMATS[req.response_format]
         headers = {
             "Cache-Control": "no-store",
             "Content-Disposition": f'inline; filename="speech.{fmt.name}"',
         }
         gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
-        # Only the model needs a worker: silence (wordless input) is answered at once.
-        release = self.engine.acquire(cancelled=gone) if speaks else (lambda: None)
-        job = (script, voice_state, req, gone, release)
+        turn = self.engine.turn(script, voice_state, threading.Event(), gone)  # Busy: 429/503
         if not req.stream:
             try:
-                data = b"".join(self.audio_chunks(*job))
+                data = b"".join(self.audio_chunks(turn, script, req, gone))
             finally:
-                release()
+                turn.close()
             return Response(data, content_type=fmt.content_type, headers=headers)
         if req.stream_format == "sse":
-            events = ClosingStream(self.sse_events(*job), release)
+            events = ClosingStream(self.sse_events(turn, script, req, gone), turn.close)
             return Response(events, mimetype="text/event-stream", headers=headers)
         headers["X-Accel-Buffering"] = "no"
-        chunks = first_audio_timed(self.audio_chunks(*job), self.engine.metrics, "http", g.started)
-        return Response(ClosingStream(chunks, release), content_type=fmt.content_type,
+        chunks = self.audio_chunks(turn, script, req, gone)
+        chunks = first_audio_timed(chunks, self.engine.metrics, "http", g.started)
+        return Response(ClosingStream(chunks, turn.close), content_type=fmt.content_type,
                         headers=headers)  # fmt: skip
 
     def requested_voice(self, req: SpeechRequest) -> str | None:
@@ -4000,47 +4035,29 @@ class SpeechServer:
             return req.model if self.voices.kind_of(req.model) else None
         return req.voice
 
-    def voice_source(self, name: str | None) -> VoiceSource:
-        """Resolve a voice name; an unknown one is a 400 on `voice` (`voice_not_found`)."""
-        try:
-            return self.voices.resolve(name)
-        except VoiceError as exc:
-            raise invalid("voice", str(exc), voice_error_code(exc)) from None
-
-    def load_voice(self, source: VoiceSource, name: str | None):
-        """The Engine's state of the requested voice; client mistakes are a 400 on `voice`."""
-        try:
-            return self.engine.load_voice(source, name)
-        except VoiceError as exc:
-            raise invalid("voice", str(exc)) from None
-
-    def audio_chunks(self, script: list, voice_state, req: SpeechRequest, gone, release,
-                     usage=None):  # fmt: skip
+    def audio_chunks(self, turn: Turn, script: list, req: SpeechRequest, gone, usage=None):
         """Encoded bytes of the response as they are produced; stops generation when closed.
 
-        The worker (`release`) is freed as soon as generation ends, or at --request_timeout
-        even while a slow reader still holds this generator at a `yield`.
+        The turn's place is freed as soon as generation ends, or at --request_timeout even
+        while a slow reader still holds this generator at a `yield`.
         """
-        stop = threading.Event()
-        audio = self.engine.speak(script, voice_state, stop)
         encoder = AudioEncoder(
             FORMATS[req.response_format], self.engine.sample_rate, req.speed, req.stream
         )
 
         def expire():
             logger.warning("synthesis stopped after --request_timeout")
-            stop.set()
-            release()
+            turn.release()
 
         try:  # an encoder left unfinished (the client left) is closed, not left to the GC
             timer = threading.Timer(self.settings.request_timeout, expire)
             timer.daemon = True
             timer.start()
             try:
-                for samples in audio:
+                for samples in turn.audio:
                     if gone():
                         raise ClientGone
-                    if stop.is_set():  # the deadline passed
+                    if turn.stop.is_set():  # the deadline passed
                         break
                     data = encoder.encode(samples)
                     if data:
@@ -4056,19 +4073,17 @@ class SpeechServer:
                 logger.exception("synthesis failed after the response started")
             finally:
                 timer.cancel()
-                stop.set()  # a client that hung up closes this generator: stop generating
-                audio.close()
-                release()  # the model is free for the next request while the last bytes leave
+                turn.close()  # the model is free for the next request while the last bytes leave
                 if usage is not None:
                     usage["samples"] = encoder.samples_in
             yield encoder.finish()
         finally:
             encoder.close()
 
-    def sse_events(self, script: list, voice_state, req: SpeechRequest, gone, release):
+    def sse_events(self, turn: Turn, script: list, req: SpeechRequest, gone):
         """OpenAI's speech SSE stream: audio deltas, then a done event with usage, then [DONE]."""
         usage: dict[str, int] = {}
-        for data in self.audio_chunks(script, voice_state, req, gone, release, usage):
+        for data in self.audio_chunks(turn, script, req, gone, usage):
             if data:
                 delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
                 yield f"data: {json.dumps(delta)}\n\n"
@@ -4277,7 +4292,7 @@ class SpeechServer:
 # =================================================================================================
 # Wyoming and the voice-agent WebSockets run on asyncio; the Engine blocks. They take voices by
 # name from the Engine (`Engine.voice`, run on the loop's thread pool; a VoiceError is each
-# protocol's to tell), and audio chunk by chunk through `engine_audio`, on a LoopThread.
+# protocol's to tell), and take Engine turns through `engine_audio`, on a LoopThread.
 
 
 class ProtocolServerError(RuntimeError):
@@ -4312,20 +4327,20 @@ class LoopThread:
 
 
 async def engine_audio(engine: Engine, script: list, state, stop: threading.Event, gone=None):
-    """A place in the Engine's queue (Busy, or ClientGone once `gone()`), then each chunk of
-    audio as it is made. However the caller ends (done, an error, cancelled), generation stops
-    and the place is freed; a thread inside the Engine is waited for, never abandoned."""
+    """An Engine turn, asynchronously: a place in the queue (Busy, or ClientGone once `gone()`),
+    then each chunk of audio as it is made. However the caller ends (done, an error, cancelled),
+    the turn is closed; a thread inside the Engine is waited for, never abandoned."""
     loop = asyncio.get_running_loop()
-    acquiring = loop.run_in_executor(None, engine.acquire, gone)
+    taking = loop.run_in_executor(None, engine.turn, script, state, stop, gone)
     try:
-        release = await asyncio.shield(acquiring)
+        turn = await asyncio.shield(taking)
     except asyncio.CancelledError:  # a place won after all is given back
-        acquiring.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()())
+        taking.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
         raise
-    audio, pending = engine.speak(script, state, stop), None
+    pending = None
     try:
         while True:
-            pending = loop.run_in_executor(None, next, audio, None)
+            pending = loop.run_in_executor(None, next, turn.audio, None)
             samples = await asyncio.shield(pending)
             if samples is None:
                 return
@@ -4334,8 +4349,7 @@ async def engine_audio(engine: Engine, script: list, state, stop: threading.Even
         stop.set()
         if pending is not None and not pending.done():
             await asyncio.wait([pending])
-        await loop.run_in_executor(None, audio.close)
-        release()
+        await loop.run_in_executor(None, turn.close)
 
 
 # =================================================================================================
@@ -4557,7 +4571,7 @@ class WyomingSession:
         script = speech_script(text, server.language)
         speaks = any(isinstance(part, str) for part in script)
         try:  # the Engine's voices, errors as Wyoming `error` events
-            state = await loop.run_in_executor(None, server.engine.voice, voice) if speaks else None
+            state = await loop.run_in_executor(None, server.engine.voice, voice, speaks)
         except VoiceError as exc:
             return await self.error(str(exc), voice_error_code(exc))
         except Busy as exc:
