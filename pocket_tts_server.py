@@ -3032,6 +3032,7 @@ class Engine:
             model.max_decoder_frames_per_call = MAX_DECODER_FRAMES_PER_CALL
         self.sample_rate: int = model.sample_rate
         self.frame_rate: float = model.config.mimi.frame_rate
+        self.language = model_language(model)  # of its text: the normalizer's rules
         self.states = VoiceStates(model, cache or LatentCache(None), max_reference_seconds,
                                   self.metrics)  # fmt: skip
         self.capacity = Capacity(1.0 / self.frame_rate, realtime_margin, max_batch)
@@ -3756,7 +3757,7 @@ class SpeechServer:
         self.engine = engine
         self.voices = voices
         self.device = str(getattr(engine.model, "device", "cpu"))
-        self.language = model_language(engine.model)
+        self.language = engine.language
         self.naming = threading.Lock()  # voice names are claimed one upload at a time
         self.draining = False  # set on SIGTERM: /ready says 503
         self.cors = {o.strip().rstrip("/") for o in (settings.cors_origins or "").split(",")} - {""}
@@ -4295,6 +4296,15 @@ class SpeechServer:
 # protocol's to tell), and take Engine turns through `engine_audio`, on a LoopThread.
 
 
+@dataclass(frozen=True)
+class Service:
+    """What the other protocols use of the server: its settings and its Engine (voices by name,
+    turns, metrics, the model's language); never the HTTP application."""
+
+    settings: Settings
+    engine: Engine
+
+
 class ProtocolServerError(RuntimeError):
     """A protocol's server (Wyoming, the voice-agent WebSockets) could not start."""
 
@@ -4371,13 +4381,13 @@ def split_finished(text: str, checked: int = 0) -> tuple[list[str], str]:
     return [p for p in parts[:-1] if p.strip()], parts[-1]
 
 
-def wyoming_info(server: SpeechServer):
+def wyoming_info(service: Service):
     """The `info` answer: one TTS program and its voices, each with its language."""
     from wyoming.info import Attribution, Info, TtsProgram, TtsVoice
 
-    language = LANGUAGES.get(server.language, LANGUAGES["english"]).code
+    language = LANGUAGES.get(service.engine.language, LANGUAGES["english"]).code
     kyutai = Attribution(name="Kyutai", url="https://github.com/kyutai-labs/pocket-tts")
-    default = server.voices.default.name
+    default = service.engine.catalog.default.name
 
     def voice(name: str, about: str) -> TtsVoice:
         if name == default:
@@ -4387,7 +4397,7 @@ def wyoming_info(server: SpeechServer):
 
     voices = [voice(e["id"], "pocket-tts built-in voice" if e["kind"] == "builtin"
                     else f"voice cloned from {e.get('file')}")
-              for e in server.voices.describe() if e["kind"] != "openai"]  # fmt: skip
+              for e in service.engine.catalog.describe() if e["kind"] != "openai"]  # fmt: skip
     if default not in [v.name for v in voices]:  # a default given as a path
         voices.append(voice(default, "cloned from a recording"))
     program = TtsProgram(name=SERVER_NAME, attribution=kyutai, installed=True, version="1.0",
@@ -4437,7 +4447,7 @@ class WyomingSession:
     event's size capped.
     """
 
-    def __init__(self, server: SpeechServer, reader, writer, sessions: set):
+    def __init__(self, service: Service, reader, writer, sessions: set):
         from wyoming.server import AsyncEventHandler
 
         class Handler(AsyncEventHandler):
@@ -4447,20 +4457,20 @@ class WyomingSession:
             async def run(handler):  # noqa: N805
                 await self.serve()
 
-        self.server, self.handler, self.sessions = server, Handler(reader, writer), sessions
+        self.service, self.handler, self.sessions = service, Handler(reader, writer), sessions
         self.closed = False  # the client left
         self.stops: set[threading.Event] = set()  # one per synthesis running now
         self.streaming: dict[str, Any] | None = None  # voice, pending text, sentence queue, task
 
     async def serve(self):
         """Admit the connection (or say `busy`), then read its events; close it however it ends."""
-        settings = self.server.settings
+        settings = self.service.settings
         try:
             if len(self.sessions) >= settings.max_connections:
                 await self.error("Too many connections: retry later.", "busy")
                 return
             self.sessions.add(self)
-            with self.server.engine.metrics.session("wyoming"):
+            with self.service.engine.metrics.session("wyoming"):
                 await self.read_events()
         finally:
             self.sessions.discard(self)
@@ -4469,7 +4479,7 @@ class WyomingSession:
 
     async def read_events(self):
         """Events until the client leaves, goes idle, or breaks a limit."""
-        settings = self.server.settings
+        settings = self.service.settings
         while True:
             try:
                 read = read_wyoming_event(self.handler.reader)
@@ -4495,7 +4505,7 @@ class WyomingSession:
 
         try:
             if Describe.is_type(event.type):
-                await self.handler.write_event(wyoming_info(self.server).event())
+                await self.handler.write_event(wyoming_info(self.service).event())
             elif SynthesizeStart.is_type(event.type):
                 await self.start_stream(SynthesizeStart.from_event(event).voice)
             elif SynthesizeChunk.is_type(event.type) and self.streaming:
@@ -4533,7 +4543,7 @@ class WyomingSession:
     async def add_text(self, text: str):
         stream, text = self.streaming, str(text)
         stream["chars"] += len(text)
-        if stream["chars"] > self.server.settings.max_input_chars:
+        if stream["chars"] > self.service.settings.max_input_chars:
             self.streaming = None
             stream["task"].cancel()
             await self.too_long()
@@ -4565,22 +4575,22 @@ class WyomingSession:
         """audio-start, audio-chunks as the Engine makes them, audio-stop; or an error event."""
         from wyoming.audio import AudioChunk, AudioStart, AudioStop
 
-        server, loop, asked = self.server, asyncio.get_running_loop(), time.monotonic()
-        if len(text) > server.settings.max_input_chars:
+        service, loop, asked = self.service, asyncio.get_running_loop(), time.monotonic()
+        if len(text) > service.settings.max_input_chars:
             return await self.too_long()
-        script = speech_script(text, server.language)
+        script = speech_script(text, service.engine.language)
         speaks = any(isinstance(part, str) for part in script)
         try:  # the Engine's voices, errors as Wyoming `error` events
-            state = await loop.run_in_executor(None, server.engine.voice, voice, speaks)
+            state = await loop.run_in_executor(None, service.engine.voice, voice, speaks)
         except VoiceError as exc:
             return await self.error(str(exc), voice_error_code(exc))
         except Busy as exc:
             return await self.error(str(exc), "busy")
-        rate, stop = server.engine.sample_rate, threading.Event()
+        rate, stop = service.engine.sample_rate, threading.Event()
         self.stops.add(stop)
-        deadline = loop.time() + server.settings.request_timeout  # as HTTP's
+        deadline = loop.time() + service.settings.request_timeout  # as HTTP's
         timer = loop.call_at(deadline, stop.set)
-        audio = engine_audio(server.engine, script, state, stop, self.gone)
+        audio = engine_audio(service.engine, script, state, stop, self.gone)
 
         async def send(eventable):  # a client that stops reading holds its place until the deadline
             await asyncio.wait_for(self.handler.write_event(eventable.event()),
@@ -4591,7 +4601,7 @@ class WyomingSession:
                 started = False  # audio-start once a place is won: else a `busy` error
                 async for samples in audio:
                     if not started:
-                        server.engine.metrics.first_audio.labels("wyoming").observe(
+                        service.engine.metrics.first_audio.labels("wyoming").observe(
                             time.monotonic() - asked
                         )
                         await send(AudioStart(rate=rate, width=2, channels=1))
@@ -4614,7 +4624,7 @@ class WyomingSession:
             self.stops.discard(stop)
 
     async def too_long(self):
-        limit = self.server.settings.max_input_chars
+        limit = self.service.settings.max_input_chars
         await self.error(f"The text is longer than {limit} characters.", "too_long")
 
     def gone(self) -> bool:
@@ -4647,15 +4657,15 @@ class WyomingServer:
     """Wyoming on an event loop thread of its own, announced over mDNS if asked; `close` stops
     the listening socket, the announcement, the loop and its threads."""
 
-    def __init__(self, server: SpeechServer, host: str, port: int, zeroconf: bool = False):
+    def __init__(self, service: Service, host: str, port: int, zeroconf: bool = False):
         from wyoming.server import AsyncTcpServer
 
         self.loop, self.sessions = LoopThread("wyoming"), set()
         self.tcp, self.zeroconf = AsyncTcpServer(host, port), None
-        raise_open_files_limit(2 * server.settings.max_connections + 64)  # HTTP's and Wyoming's
+        raise_open_files_limit(2 * service.settings.max_connections + 64)  # HTTP's and Wyoming's
 
         def handler(reader, writer):
-            return WyomingSession(server, reader, writer, self.sessions).handler
+            return WyomingSession(service, reader, writer, self.sessions).handler
 
         try:
             self.loop.run(self.tcp.start(handler))
@@ -4822,11 +4832,11 @@ class SpeechContext:
     too, if it was not flushed); flushed text is still spoken in full, as the clients expect.
     """
 
-    def __init__(self, server: SpeechServer, key, state, wire: WireFormat, listener,
+    def __init__(self, service: Service, key, state, wire: WireFormat, listener,
                  schedule: tuple[int, ...] | None = None):  # fmt: skip
-        self.server, self.key, self.state, self.listener = server, key, state, listener
-        self.text = TextIn(server.settings.max_input_chars, schedule)
-        self.rate = server.engine.sample_rate
+        self.service, self.key, self.state, self.listener = service, key, state, listener
+        self.text = TextIn(service.settings.max_input_chars, schedule)
+        self.rate = service.engine.sample_rate
         self.encoder = wire.encoder(self.rate)
         self.queue: asyncio.Queue = asyncio.Queue()  # (kind, text, index); None ends
         self.samples = 0  # at the model's rate, spoken so far: the clock of the timings
@@ -4898,18 +4908,18 @@ class SpeechContext:
 
     async def speak(self, unit: str, index: int):
         """One unit through the Engine: its audio as it is made, then its timings."""
-        server, loop, asked = self.server, asyncio.get_running_loop(), time.monotonic()
-        script, start = speech_script(unit, server.language), self.samples
+        service, loop, asked = self.service, asyncio.get_running_loop(), time.monotonic()
+        script, start = speech_script(unit, service.engine.language), self.samples
         stop = threading.Event()
         self.speaking = (index, stop)
-        timer = loop.call_later(server.settings.request_timeout, stop.set)
+        timer = loop.call_later(service.settings.request_timeout, stop.set)
         try:
-            audio = engine_audio(server.engine, script, self.state, stop, lambda: self.gone)
+            audio = engine_audio(service.engine, script, self.state, stop, lambda: self.gone)
             async with contextlib.aclosing(audio):
                 async for samples in audio:
                     if asked is not None:
                         seconds, asked = time.monotonic() - asked, None
-                        server.engine.metrics.first_audio.labels("websocket").observe(seconds)
+                        service.engine.metrics.first_audio.labels("websocket").observe(seconds)
                     self.samples += samples.size
                     data = self.encoder.encode(samples)
                     if data:
@@ -4932,15 +4942,15 @@ class AgentSession:
 
     default_rate = 48000
 
-    def __init__(self, server: SpeechServer, ws, query: dict[str, str]):
-        self.server, self.ws, self.query = server, ws, query
+    def __init__(self, service: Service, ws, query: dict[str, str]):
+        self.service, self.ws, self.query = service, ws, query
         self.contexts: dict[Any, SpeechContext] = {}
 
     async def send(self, message: dict):
         """One JSON message; a client that stops reading is closed after --idle_timeout."""
         try:
             await asyncio.wait_for(self.ws.send(json.dumps(message)),
-                                   self.server.settings.idle_timeout)  # fmt: skip
+                                   self.service.settings.idle_timeout)  # fmt: skip
         except asyncio.TimeoutError:
             logger.warning("a WebSocket client stopped reading: its connection is closed")
             await self.ws.close(1008, "the client stopped reading")
@@ -4953,10 +4963,10 @@ class AgentSession:
             raise ContextFailed(message, "too_many_contexts")
         loop = asyncio.get_running_loop()
         try:
-            state = await loop.run_in_executor(None, self.server.engine.voice, voice)
+            state = await loop.run_in_executor(None, self.service.engine.voice, voice)
         except VoiceError as exc:
             raise ContextFailed(str(exc), voice_error_code(exc)) from None
-        context = SpeechContext(self.server, key, state, wire, self, schedule)
+        context = SpeechContext(self.service, key, state, wire, self, schedule)
         self.contexts[key] = context
         return context
 
@@ -4990,8 +5000,8 @@ class GradiumSession(AgentSession):
 
     CODES = {"busy": 1013, "synthesis_failed": 1011}  # else 1008, a policy violation
 
-    def __init__(self, server, ws, query):
-        super().__init__(server, ws, query)
+    def __init__(self, service, ws, query):
+        super().__init__(service, ws, query)
         self.close_on_eos = True
 
     async def handle(self, message: dict):
@@ -5074,8 +5084,8 @@ class ElevenLabsSession(AgentSession):
 
     default_rate = 44100
 
-    def __init__(self, server, ws, query, voice: str, multi: bool):
-        super().__init__(server, ws, query)
+    def __init__(self, service, ws, query, voice: str, multi: bool):
+        super().__init__(service, ws, query)
         self.voice, self.multi, self.closing = voice, multi, False
         self.wire = wire_format(query.get("output_format", "mp3_44100_128"), self.default_rate)
         self.auto = query.get("auto_mode", "false").lower() == "true"
@@ -5192,9 +5202,9 @@ class AgentServer:
     sockets closed after --idle_timeout (ElevenLabs' `inactivity_timeout`, up to 300 s, when a
     client asks for longer)."""
 
-    def __init__(self, server: SpeechServer, host: str, port: int, tls=None):
-        self.server, self.sessions = server, set()
-        self.limit = server.settings.max_body_kb * 1024
+    def __init__(self, service: Service, host: str, port: int, tls=None):
+        self.service, self.sessions = service, set()
+        self.limit = service.settings.max_body_kb * 1024
         self.loop = LoopThread("websocket")
         try:
             self.ws_server = self.loop.run(self.start(host, port, tls))
@@ -5217,10 +5227,10 @@ class AgentServer:
         if agent_route(urlsplit(request.path).path) is None:
             return connection.respond(404, "Unknown path: use /api/speech/tts (Gradium) or /v1/"
                                       "text-to-speech/<voice>/multi-stream-input.\n")  # fmt: skip
-        if not agent_key_ok(request.headers, self.server.settings.api_key):
+        if not agent_key_ok(request.headers, self.service.settings.api_key):
             return connection.respond(401, "Incorrect or missing API key (send xi-api-key, "
                                       "x-api-key or Authorization: Bearer).\n")  # fmt: skip
-        if len(self.sessions) >= self.server.settings.max_connections:
+        if len(self.sessions) >= self.service.settings.max_connections:
             return connection.respond(503, "Too many connections: retry later.\n")
         return None
 
@@ -5231,12 +5241,12 @@ class AgentServer:
         parts = urlsplit(ws.request.path)
         query = dict(parse_qsl(parts.query))
         voice, multi = agent_route(parts.path)
-        idle = float(self.server.settings.idle_timeout)
+        idle = float(self.service.settings.idle_timeout)
         if multi is None:
-            session = GradiumSession(self.server, ws, query)
+            session = GradiumSession(self.service, ws, query)
         else:
             try:
-                session = ElevenLabsSession(self.server, ws, query, voice, multi)
+                session = ElevenLabsSession(self.service, ws, query, voice, multi)
             except ValueError as exc:
                 await ws.send(json.dumps({"error": "invalid_output_format", "message": str(exc)}))
                 return await ws.close(1008, "invalid output_format")
@@ -5244,7 +5254,7 @@ class AgentServer:
                 idle = max(idle, min(300.0, float(query.get("inactivity_timeout", 0))))
         self.sessions.add(session)
         try:
-            with self.server.engine.metrics.session("websocket"):
+            with self.service.engine.metrics.session("websocket"):
                 await self.read_messages(session, ws, idle)
         except ConnectionClosed:
             pass
@@ -5399,14 +5409,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     http, protocols = http_server(server.app, settings, server.engine.max_batch), []
+    service = Service(settings, server.engine)  # what Wyoming and the WebSockets use
     try:
         if settings.wyoming_port:
             host = settings.wyoming_host or settings.host
-            protocols.append(WyomingServer(server, host, settings.wyoming_port,
+            protocols.append(WyomingServer(service, host, settings.wyoming_port,
                                            settings.wyoming_zeroconf))  # fmt: skip
         if settings.ws_port:
             host = settings.ws_host or settings.host
-            protocols.append(AgentServer(server, host, settings.ws_port, agent_tls(settings)))
+            protocols.append(AgentServer(service, host, settings.ws_port, agent_tls(settings)))
     except ProtocolServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         for protocol in protocols:

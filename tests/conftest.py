@@ -96,7 +96,8 @@ def real(tmp_path_factory, tokenizer_path, reference):
     )
     server = srv.build_server(settings)  # the real loading path, from a local config
     live = LiveServer(server.app, threads=4)
-    yield SimpleNamespace(server=server, url=live.url, model=server.engine.model)
+    service = srv.Service(settings, server.engine)  # what Wyoming and the WebSockets are given
+    yield SimpleNamespace(server=server, service=service, url=live.url, model=server.engine.model)
     live.close()
 
 

@@ -443,7 +443,7 @@ async def ws_messages(ws) -> list:
 def stub_agents(stub, **overrides):
     """The voice-agent server over the stub model (fast, and sized by `overrides`)."""
     speech = make_server(stub, **overrides)
-    server = srv.AgentServer(speech, "127.0.0.1", 0)
+    server = srv.AgentServer(srv.Service(speech.settings, speech.engine), "127.0.0.1", 0)
     try:
         yield SimpleNamespace(url=f"ws://127.0.0.1:{server.port}", engine=speech.engine)
     finally:

@@ -24,7 +24,7 @@ from tools.offline_model import CORPUS
 @pytest.fixture(scope="module")
 def agents(real):
     """The voice-agent WebSocket server (--ws_port) on the real model, as main() starts it."""
-    server = srv.AgentServer(real.server, "127.0.0.1", 0)
+    server = srv.AgentServer(real.service, "127.0.0.1", 0)
     yield SimpleNamespace(url=f"ws://127.0.0.1:{server.port}", http=f"http://127.0.0.1:{server.port}",
                           server=server, real=real)  # fmt: skip
     server.close()
@@ -472,7 +472,7 @@ class TestElevenLabsProtocol:
                         "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
                        capture_output=True)  # fmt: skip
         tls = srv.agent_tls(srv.Settings(ws_tls_cert=str(cert), ws_tls_key=str(key)))
-        server = srv.AgentServer(agents.real.server, "127.0.0.1", 0, tls)
+        server = srv.AgentServer(agents.real.service, "127.0.0.1", 0, tls)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         try:
             client = ElevenLabs(api_key="k", base_url=f"https://127.0.0.1:{server.port}")

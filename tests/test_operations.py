@@ -337,8 +337,9 @@ class TestLifecycle:
                                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
             speech = srv.build_server(settings, model=stub, steps=StubSteps(stub))
             live = LiveServer(speech.app, settings)
-            protocols = [srv.WyomingServer(speech, "127.0.0.1", 0),
-                         srv.AgentServer(speech, "127.0.0.1", 0)]  # fmt: skip
+            service = srv.Service(settings, speech.engine)
+            protocols = [srv.WyomingServer(service, "127.0.0.1", 0),
+                         srv.AgentServer(service, "127.0.0.1", 0)]  # fmt: skip
             cut = raw_request(live.url, {"input": LONG_TEXT, "stream": True})
             assert cut.recv(4096)
             cut.close()  # a client that leaves mid-stream

@@ -56,7 +56,7 @@ class TestWyoming:
 
     @pytest.fixture(scope="class")
     def port(self, real):
-        wyoming = srv.WyomingServer(real.server, "127.0.0.1", 0)
+        wyoming = srv.WyomingServer(real.service, "127.0.0.1", 0)
         yield wyoming.port
         wyoming.close()
 
@@ -233,7 +233,7 @@ class TestWyoming:
         """Issue #19: Wyoming used to accept any length and run past --request_timeout."""
         from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart
 
-        monkeypatch.setattr(real.server.settings, "max_input_chars", 40)
+        monkeypatch.setattr(real.service.settings, "max_input_chars", 40)
 
         async def run(*eventables):
             async with Wyoming(port) as w:
@@ -246,10 +246,10 @@ class TestWyoming:
         chunks = [SynthesizeChunk(text="Hello world, ") for _ in range(4)]
         (kind, _, data), *_ = asyncio.run(run(SynthesizeStart(), *chunks))
         assert kind == "error" and data["code"] == "too_long"
-        monkeypatch.setattr(real.server.settings, "max_input_chars", 4096)
+        monkeypatch.setattr(real.service.settings, "max_input_chars", 4096)
         text = " ".join(CORPUS * 3)
         whole = self.http_pcm_seconds(real, text)
-        monkeypatch.setattr(real.server.settings, "request_timeout", 0.5)
+        monkeypatch.setattr(real.service.settings, "request_timeout", 0.5)
         t0 = time.monotonic()
         events = asyncio.run(run(Synthesize(text=text)))
         assert events[-1][0] == "audio-stop" and time.monotonic() - t0 < 5
@@ -258,7 +258,7 @@ class TestWyoming:
     def test_a_client_that_stops_reading_frees_its_place(self, real, port, monkeypatch):
         """Issue #19: a Wyoming client that never reads held its stream's place for minutes.
         Its place is freed at --request_timeout (writes are bounded by it too)."""
-        monkeypatch.setattr(real.server.settings, "request_timeout", 1.0)
+        monkeypatch.setattr(real.service.settings, "request_timeout", 1.0)
         engine = real.server.engine
         event = {"type": "synthesize", "data": {"text": " ".join(CORPUS * 15)}}  # ~2 min
         with socket.socket() as sock:
@@ -292,14 +292,14 @@ class TestWyoming:
         endless = b"{" + b" " * 100_000  # a header with no line end
         event, closed = asyncio.run(answer(endless))
         assert event.type == "error" and event.data["code"] == "too_large" and closed
-        monkeypatch.setattr(real.server.settings, "idle_timeout", 1)
+        monkeypatch.setattr(real.service.settings, "idle_timeout", 1)
         t0 = time.monotonic()
         with socket.create_connection(("127.0.0.1", port)) as idle:
             idle.settimeout(10)
             assert idle.recv(1) == b""  # closed by the server
         assert 0.9 < time.monotonic() - t0 < 5
-        monkeypatch.setattr(real.server.settings, "idle_timeout", 30)
-        monkeypatch.setattr(real.server.settings, "max_connections", 2)
+        monkeypatch.setattr(real.service.settings, "idle_timeout", 30)
+        monkeypatch.setattr(real.service.settings, "max_connections", 2)
         with socket.create_connection(("127.0.0.1", port)), \
                 socket.create_connection(("127.0.0.1", port)):  # fmt: skip
             time.sleep(0.2)
@@ -368,7 +368,7 @@ class TestWyoming:
             held.listen()
             t0 = time.monotonic()
             with pytest.raises(srv.WyomingError, match="cannot be opened"):
-                srv.WyomingServer(real.server, "127.0.0.1", held.getsockname()[1])
+                srv.WyomingServer(real.service, "127.0.0.1", held.getsockname()[1])
         assert time.monotonic() - t0 < 10
 
     def test_a_full_server_answers_busy(self, real, port, monkeypatch):
