@@ -5395,6 +5395,22 @@ class LogFlood(logging.Filter):
         return True
 
 
+def unusable_port(settings: Settings) -> str | None:
+    """Why a port this server is to listen on cannot be opened, said before the model loads (a
+    minute on a first start) rather than after; None when all can. The servers bind them later."""
+    ports = [("HTTP", settings.host, settings.port)]
+    if settings.wyoming_port:
+        ports.append(("Wyoming", settings.wyoming_host or settings.host, settings.wyoming_port))
+    if settings.ws_port:
+        ports.append(("WebSocket", settings.ws_host or settings.host, settings.ws_port))
+    for name, host, port in ports:
+        try:
+            socket.create_server((host, port)).close()  # SO_REUSEADDR, as the servers bind
+        except OSError as exc:
+            return f"the {name} port {host}:{port} cannot be opened ({exc.strerror or exc})."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(
@@ -5403,12 +5419,21 @@ def main(argv: list[str] | None = None) -> int:
     flood = LogFlood()
     for handler in logging.getLogger().handlers:
         handler.addFilter(flood)
+    if problem := unusable_port(settings):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         server = build_server(settings)
     except (ModelLoadError, VoiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    http, protocols = http_server(server.app, settings, server.engine.max_batch), []
+    try:
+        http, protocols = http_server(server.app, settings, server.engine.max_batch), []
+    except OSError as exc:  # taken while the model loaded
+        print(f"error: the HTTP port {settings.host}:{settings.port} cannot be opened ({exc}).",
+              file=sys.stderr)  # fmt: skip
+        server.engine.close()
+        return 2
     service = Service(settings, server.engine)  # what Wyoming and the WebSockets use
     try:
         if settings.wyoming_port:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import pocket_tts_server as srv
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 
 class TestSettings:
@@ -68,19 +69,34 @@ class TestSettings:
         with pytest.raises(srv.ModelLoadError, match="no such YAML"):
             srv.model_source(str(tmp_path / "missing.yaml"))
 
-    def test_unreachable_hub_exits_with_actionable_message(self, tmp_path):
+    @staticmethod
+    def start_offline(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+        """The server as a user starts it, with the Hugging Face Hub unreachable."""
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "pocket_tts_server.py"), "--model_path", "english"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        command = [sys.executable, str(ROOT / "pocket_tts_server.py"), "--model_path", "english"]
+        return subprocess.run(command + list(flags), capture_output=True, text=True, env=env,
+                              timeout=120)  # fmt: skip
+
+    def test_unreachable_hub_exits_with_actionable_message(self, tmp_path):
+        proc = self.start_offline(tmp_path, "--port", str(free_port()))
         assert proc.returncode == 2
         assert "Could not load the pocket-tts model 'english'" in proc.stderr
         assert "--model_path" in proc.stderr and "Hugging Face Hub" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+    @pytest.mark.parametrize("flag", ["--port", "--wyoming_port", "--ws_port"])
+    def test_a_port_in_use_is_said_before_the_model_loads(self, tmp_path, flag):
+        """Each port is checked first: a taken one is one line and exit code 2, not a traceback
+        after a model download (here the Hub is unreachable, so loading would fail otherwise)."""
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = str(held.getsockname()[1])
+            flags = ["--port", str(free_port())] if flag != "--port" else []
+            proc = self.start_offline(tmp_path, *flags, flag, taken)
+        name = {"--port": "HTTP", "--wyoming_port": "Wyoming", "--ws_port": "WebSocket"}[flag]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"error: the {name} port 127.0.0.1:{taken} cannot be opened" in proc.stderr
 
     def test_cuda_request_without_gpu_is_refused(self):
         if torch.cuda.is_available():
