@@ -439,7 +439,8 @@ class TestBatching:
             self.run_admitted(engine, [("Hi.", voices[0], 1, 0.0)])
         finally:
             idle()
-        assert 1.0 <= started[1] - t0 < 1.0 + 2.0
+        # The gather began when the scheduler looked for work, which may be a moment before t0.
+        assert 0.9 <= started[1] - t0 < 1.0 + 2.0
         assert engine.active == 0 and not engine.scheduler.rows
 
     def test_a_prefill_pass_takes_every_core_and_gives_them_back(self, real, voices, monkeypatch):
