@@ -791,6 +791,11 @@ def script_text(script: list) -> str:
     return " ".join(p for p in script if isinstance(p, str))
 
 
+def has_words(script: list) -> bool:
+    """Whether a script needs the model: silence alone needs no voice and no place."""
+    return any(isinstance(part, str) for part in script)
+
+
 def normalize_text(text: str, language: str = "english") -> str:
     """Turn raw client text into plain prose the model reads well, in the model's language."""
     rules = LANGUAGES.get(language, LANGUAGES["english"])
@@ -3123,8 +3128,7 @@ class Engine:
     def turn(self, script: list, voice_state, stop: threading.Event, gone=None) -> Turn:
         """A request's turn: a place in the queue (Busy, or ClientGone once `gone()`; silence
         alone needs none), then `script`'s audio. The caller ends it with `Turn.close`."""
-        speaks = any(isinstance(part, str) for part in script)
-        release = self.acquire(gone) if speaks else (lambda: None)
+        release = self.acquire(gone) if has_words(script) else (lambda: None)
         return Turn(self.speak(script, voice_state, stop), stop, release)
 
     def warm_up(self, voice_state):
@@ -3757,7 +3761,6 @@ class SpeechServer:
         self.engine = engine
         self.voices = voices
         self.device = str(getattr(engine.model, "device", "cpu"))
-        self.language = engine.language
         self.naming = threading.Lock()  # voice names are claimed one upload at a time
         self.draining = False  # set on SIGTERM: /ready says 503
         self.cors = {o.strip().rstrip("/") for o in (settings.cors_origins or "").split(",")} - {""}
@@ -3950,7 +3953,7 @@ class SpeechServer:
         return jsonify(
             status="ok",
             model=Path(self.settings.model_path).name,  # a path would tell where files are
-            language=self.language,
+            language=self.engine.language,
             device=self.device,
             sample_rate=self.engine.sample_rate,
             voices=len(self.voices.names()),
@@ -3999,13 +4002,12 @@ class SpeechServer:
             raise ApiError(400, message, code="invalid_json")
         req = parse_speech_request(body, self.settings)
         g.response_format = req.response_format
-        script = speech_script(req.input, self.language, req.normalize)
+        script = speech_script(req.input, self.engine.language, req.normalize)
         if len(script_text(script)) > SPOKEN_CHARS_PER_INPUT_CHAR * self.settings.max_input_chars:
             message = "'input' is too long once its numbers and symbols are written out as words."
             raise invalid("input", message, "string_above_max_length")
-        speaks = any(isinstance(part, str) for part in script)
         try:  # the Engine's voices; a client's mistake is a 400 on `voice`
-            voice_state = self.engine.voice(self.requested_voice(req), load=speaks)
+            voice_state = self.engine.voice(self.requested_voice(req), load=has_words(script))
         except VoiceError as exc:
             raise invalid("voice", str(exc), voice_error_code(exc)) from None
         fmt = FORMATS[req.response_format]
@@ -4579,9 +4581,8 @@ class WyomingSession:
         if len(text) > service.settings.max_input_chars:
             return await self.too_long()
         script = speech_script(text, service.engine.language)
-        speaks = any(isinstance(part, str) for part in script)
         try:  # the Engine's voices, errors as Wyoming `error` events
-            state = await loop.run_in_executor(None, service.engine.voice, voice, speaks)
+            state = await loop.run_in_executor(None, service.engine.voice, voice, has_words(script))
         except VoiceError as exc:
             return await self.error(str(exc), voice_error_code(exc))
         except Busy as exc:
@@ -4933,7 +4934,7 @@ class SpeechContext:
         finally:
             timer.cancel()
             self.speaking = None
-        spoken = " ".join(p for p in script if isinstance(p, str))
+        spoken = script_text(script)
         await self.listener.spoken(self, unit, spoken, start / self.rate, self.samples / self.rate)
 
 
