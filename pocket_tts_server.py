@@ -3756,10 +3756,10 @@ class ClosingStream:
 class SpeechServer:
     """The Flask application: validates requests, asks the Engine for audio, encodes it."""
 
-    def __init__(self, settings: Settings, engine: Engine, voices: VoiceCatalog):
+    def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine
-        self.voices = voices
+        self.voices = engine.catalog  # the Engine's (`Engine.use_voices`): one catalog for all
         self.device = str(getattr(engine.model, "device", "cpu"))
         self.naming = threading.Lock()  # voice names are claimed one upload at a time
         self.draining = False  # set on SIGTERM: /ready says 503
@@ -4311,6 +4311,12 @@ class ProtocolServerError(RuntimeError):
     """A protocol's server (Wyoming, the voice-agent WebSockets) could not start."""
 
 
+def port_unusable(name: str, host: str, port: int, exc: Exception) -> str:
+    """What start-up says of a port it cannot listen on (any protocol's, HTTP's too)."""
+    reason = getattr(exc, "strerror", None) or exc  # "Address already in use", not "[Errno 98]…"
+    return f"the {name} port {host}:{port} cannot be opened ({reason})."
+
+
 class LoopThread:
     """An asyncio event loop on a thread of its own, with a pool of threads for the Engine's
     blocking calls (a stream waiting for a place holds one). `stop` ends the loop, joins its
@@ -4672,9 +4678,7 @@ class WyomingServer:
             self.loop.run(self.tcp.start(handler))
         except (OSError, concurrent.futures.TimeoutError) as exc:
             self.loop.stop()
-            raise WyomingError(
-                f"the Wyoming port {host}:{port} cannot be opened ({exc})."
-            ) from None
+            raise WyomingError(port_unusable("Wyoming", host, port, exc)) from None
         self.port = self.tcp._server.sockets[0].getsockname()[1]
         if zeroconf:
             from zeroconf.asyncio import AsyncZeroconf
@@ -5211,8 +5215,7 @@ class AgentServer:
             self.ws_server = self.loop.run(self.start(host, port, tls))
         except (OSError, concurrent.futures.TimeoutError) as exc:
             self.loop.stop()
-            message = f"the WebSocket port {host}:{port} cannot be opened ({exc})."
-            raise ProtocolServerError(message) from None
+            raise ProtocolServerError(port_unusable("WebSocket", host, port, exc)) from None
         self.port = next(iter(self.ws_server.sockets)).getsockname()[1]
         scheme = "wss" if tls else "ws"
         logger.info("voice agents (Gradium, ElevenLabs) on %s://%s:%s/", scheme, host, self.port)
@@ -5359,13 +5362,13 @@ def build_server(settings: Settings, model=None, steps=None) -> SpeechServer:
         builtin_voice_names(model),
         voices_dir,
         settings.default_voice,
-        model_language(model),
+        engine.language,
         load_voice_map(settings.voice_map),
         settings.allow_remote_voices,
     )
     engine.use_voices(voices)
     engine.warm_up(engine.default_state)  # the first request must not pay for it
-    return SpeechServer(settings, engine, voices)
+    return SpeechServer(settings, engine)
 
 
 class LogFlood(logging.Filter):
@@ -5408,7 +5411,7 @@ def unusable_port(settings: Settings) -> str | None:
         try:
             socket.create_server((host, port)).close()  # SO_REUSEADDR, as the servers bind
         except OSError as exc:
-            return f"the {name} port {host}:{port} cannot be opened ({exc.strerror or exc})."
+            return port_unusable(name, host, port, exc)
     return None
 
 
@@ -5431,8 +5434,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         http, protocols = http_server(server.app, settings, server.engine.max_batch), []
     except OSError as exc:  # taken while the model loaded
-        print(f"error: the HTTP port {settings.host}:{settings.port} cannot be opened ({exc}).",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: {port_unusable('HTTP', settings.host, settings.port, exc)}", file=sys.stderr)
         server.engine.close()
         return 2
     service = Service(settings, server.engine)  # what Wyoming and the WebSockets use

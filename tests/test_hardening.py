@@ -709,8 +709,7 @@ class TestHostileClientsAndBrokenDisks:
 
     def test_health_names_no_server_path(self, stub, tmp_path):
         config = tmp_path / "secret-place" / "model.yaml"
-        server = srv.SpeechServer(srv.Settings(model_path=str(config)), make_server(stub).engine,
-                                  make_server(stub).voices)  # fmt: skip
+        server = srv.SpeechServer(srv.Settings(model_path=str(config)), make_server(stub).engine)
         body = server.app.test_client().get("/health").get_data(as_text=True)
         assert "secret-place" not in body and "model.yaml" in body
 
